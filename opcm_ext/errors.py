@@ -1,0 +1,51 @@
+"""Typed exceptions: every failure a user can cause or fix is an ``InputError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "OpcmError",
+    "InputError",
+    "ConfigError",
+    "CheckpointError",
+    "IncompatibleCheckpointError",
+    "NonFiniteError",
+    "MergeStateError",
+    "OutputError",
+    "BackendError",
+]
+
+
+class OpcmError(Exception):
+    """Base class of every error opcm-ext raises on purpose."""
+
+
+class InputError(OpcmError):
+    """Something the user gave us is wrong; the CLI exits with code 2."""
+
+
+class ConfigError(InputError, ValueError):
+    """An option has a bad value or an unknown name (alpha outside (0, 1], a bad budget, ...)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file cannot be read: missing, unsupported format, corrupt or truncated."""
+
+
+class IncompatibleCheckpointError(InputError):
+    """Checkpoints do not fit together: keys, shapes or dtypes differ, or a different base."""
+
+
+class NonFiniteError(InputError):
+    """An input tensor holds NaN or Inf."""
+
+
+class MergeStateError(InputError):
+    """The merge state in a checkpoint is missing, inconsistent, or forbids this step."""
+
+
+class OutputError(InputError):
+    """The output cannot be written: not writable, too little disk, locked by another merge."""
+
+
+class BackendError(OpcmError):
+    """A compiled kernel is missing or failed (CUDA error, non-convergence); exit code 1."""
