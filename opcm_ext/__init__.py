@@ -1,0 +1,44 @@
+"""opcm-ext: continual model merging with OPCM, streaming checkpoints from disk.
+
+The public API is ``merge_stream`` (fold one model into a merged checkpoint),
+``merge_sequence`` (merge a list), ``read_state`` (the merge state stored in a
+checkpoint) and the report and error types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+
+__all__ = [
+    "__version__",
+    "merge_stream",
+    "merge_sequence",
+    "read_state",
+    "MergeReport",
+    "MergeState",
+    "errors",
+]
+
+_LAZY = {
+    "merge_stream": ("api", "merge_stream"),
+    "merge_sequence": ("api", "merge_sequence"),
+    "read_state": ("api", "read_state"),
+    "MergeReport": ("api", "MergeReport"),
+    "MergeState": ("state", "MergeState"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so that `import opcm_ext` stays cheap (no transformers import).
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name == "errors":
+        from . import errors
+
+        return errors
+    raise AttributeError(f"module 'opcm_ext' has no attribute {name!r}")
