@@ -1,0 +1,140 @@
+"""Build tiny Hugging Face checkpoints for tests: a base and fine-tunes = base + random task vectors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+import opcm_ref  # noqa: E402  (the pure-torch oracle)
+
+
+def tiny_clip_vision_config(hidden=32, layers=2, inter=64, heads=4, image=32, patch=8):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image, patch_size=patch)
+
+
+def vit_b32_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, image_size=224, patch_size=32, projection_dim=512)
+
+
+def tiny_clip_config():
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=32, tie_word_embeddings=False)
+
+
+def build_model(config, cls_name: str, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config)
+    model.eval()
+    return model
+
+
+def projected_keys(model) -> set[str]:
+    """Linear weights found by module type (independent of opcm_ext.plan)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def make_family(root: Path, config, cls_name: str, n: int, *, seed: int = 0, scale: float = 0.02,
+                dtype=torch.float32, prefix: str = "", max_shard_size=None):
+    """Save a base and n fine-tunes (base + random task vectors) as HF folders; return paths and state dicts.
+
+    ``prefix`` renames every key (e.g. "vision_model." as transformers 4 saved CLIPVisionModel).
+    """
+    root = Path(root)
+    base_model = build_model(config, cls_name, seed)
+    base_sd = {k: v.detach().clone().contiguous() for k, v in base_model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1000)
+    sds = [base_sd]
+    for i in range(n):
+        sd = {}
+        for k, v in base_sd.items():
+            if v.is_floating_point():
+                sd[k] = (v + scale * (v.std() if v.numel() > 1 else 1.0).clamp_min(0.1) * torch.randn(v.shape, generator=g)).contiguous()
+            else:
+                sd[k] = v.clone()
+        sds.append(sd)
+    paths = []
+    for i, sd in enumerate(sds):
+        name = "base" if i == 0 else f"task{i}"
+        d = root / name
+        save_hf(d, base_model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                prefix=prefix, max_shard_size=max_shard_size)
+        paths.append(d)
+    return paths, base_model
+
+
+def save_hf(folder: Path, model, sd: dict, *, prefix: str = "", max_shard_size=None) -> None:
+    folder = Path(folder)
+    if max_shard_size is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(folder / shard)))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close_dicts(got: dict, want: dict, tol: float) -> None:
+    assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:5]
+    worst = max(((rel_err(got[k], want[k]), k) for k in want if want[k].is_floating_point()), default=(0.0, None))
+    assert worst[0] <= tol, f"max relative error {worst[0]:.3g} at {worst[1]} > {tol}"
+    for k in want:
+        if not want[k].is_floating_point():
+            assert torch.equal(got[k], want[k]), k
+        assert got[k].dtype == want[k].dtype, (k, got[k].dtype, want[k].dtype)
+
+
+def run_cli(*args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "opcm_ext", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"opcm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
+    return proc
