@@ -1478,6 +1478,7 @@ class OutputTransaction:
                 except _NoExchange:
                     aside = parent / f".{out.name}.opcm-old-{self._token}"
                     os.rename(out, aside)
+                    _faults.point("commit.renamed_aside")
                     try:
                         os.rename(tmp, out)
                     except BaseException:
