@@ -20,17 +20,19 @@ import fcntl
 import hashlib
 import json
 import logging
+import operator
 import os
 import re
 import secrets
 import shutil
 import stat
 import struct
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -130,9 +132,10 @@ _CORRUPT_FIX = (
 
 def _refuse_pickle(path: Path) -> CheckpointError:
     if path.is_dir():
-        src = str(path / "pytorch_model.bin")
+        found = _pickle_files(path)
+        src = str(path / (found[0] if found else "pytorch_model.bin"))
         dst = str(path / SAFE_WEIGHTS_NAME)
-        what = f"{path} holds only pickled PyTorch weights ({', '.join(_pickle_files(path)[:4])})"
+        what = f"{path} holds only pickled PyTorch weights ({', '.join(found[:4])})"
     else:
         src = str(path)
         dst = str(path.with_suffix(".safetensors"))
@@ -448,6 +451,8 @@ class CheckpointReader:
     """A safetensors checkpoint (HF folder, single file or shard index), validated up front."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if sys.byteorder != "little":  # pragma: no cover - no such host in CI
+            raise CheckpointError("safetensors data is little-endian; big-endian hosts are not supported")
         p = Path(os.path.abspath(os.fspath(path)))
         self.path: Path = p
         self.folder: Path | None = None
@@ -1220,8 +1225,12 @@ class OutputTransaction:
             raise ValueError(f"kind must be 'folder' or 'file', got {kind!r}")
         if like_folder is not None and kind != "folder":
             raise ValueError("like_folder is only meaningful for a folder output")
-        if not _is_int(expected_bytes) or expected_bytes < 0:
-            raise ValueError(f"expected_bytes must be a non-negative int, got {expected_bytes!r}")
+        try:
+            expected_bytes = operator.index(expected_bytes)
+        except TypeError:
+            raise ValueError(f"expected_bytes must be an int, got {expected_bytes!r}") from None
+        if expected_bytes < 0:
+            raise ValueError(f"expected_bytes must be >= 0, got {expected_bytes}")
         self.kind = kind
         self.out_path = Path(os.path.abspath(os.fspath(out_path)))
         self.like_folder = like_folder
@@ -1239,8 +1248,9 @@ class OutputTransaction:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if self._state in ("new", "open"):
-            self.abort()
+        if self._state == "committed":
+            return False
+        self.abort()
         if isinstance(exc, OSError) and _disk_full(exc):
             raise OutputError(
                 f"disk full while writing {exc.filename or self.out_path}: {exc.strerror}; "

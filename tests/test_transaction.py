@@ -170,6 +170,18 @@ def test_leaving_without_commit_discards(out):
         tx.commit()
 
 
+def test_errors_after_commit_keep_the_new_output(out):
+    with pytest.raises(OSError) as ei:
+        with OutputTransaction(out) as tx:
+            write_model(tx, MODEL_B)
+            tx.commit()
+            raise OSError(errno.ENOSPC, "later, unrelated")
+    assert not isinstance(ei.value, OutputError)
+    with CheckpointReader(out) as r:
+        assert torch.equal(r.read("w"), MODEL_B["w"])
+    assert leftovers(out) == []
+
+
 def test_incomplete_writer_fails_commit(out):
     make_output(out, MODEL_A)
     before = snapshot(out)
