@@ -542,6 +542,21 @@ def test_bad_index(tmp_path, edit, match):
         CheckpointReader(tmp_path)
 
 
+def test_hub_cache_symlinked_shards(tmp_path):
+    """A Hugging Face cache snapshot: shard names are symlinks into ../blobs, which is fine."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = make_sharded(src)
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (blobs / f"h-{f.name}").write_bytes(f.read_bytes())
+        os.symlink(Path("..") / ".." / "blobs" / f"h-{f.name}", snap / f.name)
+    with CheckpointReader(snap) as r:
+        assert all(same(r.read(k), t) for k, t in ts.items())
+
+
 def test_duplicate_key_across_shards(tmp_path):
     write_ours(tmp_path, {"s1.safetensors": {"a": torch.zeros(1)}, "s2.safetensors": {"a2": torch.zeros(1)}})
     (tmp_path / "s2.safetensors").unlink()

@@ -484,3 +484,39 @@ def test_sigkill_at_every_fault_point(tmp_path, scenario):
         if n >= swap_at:
             # a later merge into the same place just works
             make_output(o, MODEL_A, kind=kind)
+
+
+# --------------------------------------------------------------------------------------
+# the fault-injection switch itself (read from the environment once, at import)
+# --------------------------------------------------------------------------------------
+
+_POINTS = "from opcm_ext import _faults\nfor n in ('a', 'b', 'c'):\n    _faults.point(n)\nprint('survived')\n"
+
+
+def _run_points(env_extra: dict[str, str]):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPCM_FAULT")}
+    env.update(env_extra, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", _POINTS], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_faults_from_environment(tmp_path):
+    r = _run_points({})
+    assert r.returncode == 0 and "survived" in r.stdout
+    log = tmp_path / "log"
+    r = _run_points({"OPCM_FAULT_AT": "list", "OPCM_FAULT_LOG": str(log)})
+    assert r.returncode == 0 and log.read_text().split() == ["a", "b", "c"]
+    r = _run_points({"OPCM_FAULT_AT": "2"})
+    assert r.returncode == -9 and "survived" not in r.stdout
+    r = _run_points({"OPCM_FAULT_AT": "soon"})
+    assert r.returncode == 1 and "positive integer or 'list'" in r.stderr
+
+
+def test_fault_point_is_free_when_off():
+    import timeit
+
+    assert not _faults._active
+    per_call = min(timeit.repeat(lambda: _faults.point("x"), number=20000, repeat=3)) / 20000
+    assert per_call < 2e-6
