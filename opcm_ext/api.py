@@ -242,6 +242,8 @@ def merge_stream(
             out_p, kind=kind, like_folder=like.folder if like.is_folder else None,
             expected_bytes=like.total_bytes + scratch_bytes,
         ) as tx:
+            if prev is not None and _same_path(out_p, merged_p):
+                _check_unchanged(merged_p, prev, new_p)
             result = run_step(
                 m, step=step, prev=prev, readers=readers, paths=paths, names=names,
                 classification=classification, groups=groups, tx=tx, device=dev, budget=budget,
@@ -274,6 +276,22 @@ def merge_stream(
         warnings=result.warnings,
         details={k: v for k, v in result.scalars.items() if _jsonable(v)},
     )
+
+
+def _check_unchanged(merged_p: Path, prev: MergeState, new_p: Path) -> None:
+    """Under the output lock: the merged checkpoint still holds the state this step was planned from.
+
+    The lock is taken after ``merged`` was read, so another merge into the same folder may have
+    committed in between; continuing would write a step from the stale state and drop its model.
+    """
+    with CheckpointReader(merged_p) as again:
+        now = _state_of(again, str(merged_p))
+    if now is None or now.to_metadata() != prev.to_metadata():
+        raise OutputError(
+            f"another merge into {merged_p} finished while this one was starting (it is now at step "
+            f"{now.step if now else '?'}, this merge read step {prev.step}); nothing was written. Rerun the "
+            f"command to fold {new_p} into the new state."
+        )
 
 
 def _jsonable(v: Any) -> bool:
