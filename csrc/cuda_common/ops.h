@@ -50,7 +50,10 @@ std::size_t svd_workspace_size(std::int64_t batch, std::int64_t m, std::int64_t 
 
 // Thin SVD of A [batch, m, n] fp32 row-major: U [batch, m, k], S [batch, k]
 // descending, V [batch, n, k], k = min(m, n), all fp32 row-major; info
-// int32[batch] (0 = success). See csrc/svd/thin_svd.cu for the algorithm.
+// int32[batch] (0 = success). The small side (V if m >= n, else U) is
+// orthonormal; on the big side only the columns of kept triplets
+// (sigma_i > sigma_1 * max(m, n) * eps32) are re-orthonormalised, and a column
+// with sigma_i == 0 is zero. See csrc/svd/thin_svd.cu for the algorithm.
 void batched_thin_svd(std::uintptr_t a, std::int64_t batch, std::int64_t m, std::int64_t n,
                       std::uintptr_t u, std::uintptr_t s, std::uintptr_t v, std::uintptr_t work,
                       std::size_t work_bytes, std::uintptr_t info, std::uintptr_t stream);
