@@ -101,6 +101,8 @@ Dims make_dims(std::int64_t batch, std::int64_t m, std::int64_t n) {
   OPCM_CUDA_ARG_CHECK(m >= 0 && n >= 0, "m and n must be >= 0, got " << m << " x " << n);
   OPCM_CUDA_ARG_CHECK(m <= INT_MAX && n <= INT_MAX,
                       "m and n must fit in int32 (cuBLAS/cuSOLVER sizes), got " << m << " x " << n);
+  OPCM_CUDA_ARG_CHECK((m + kTile - 1) / kTile <= kMaxGridYZ && (n + kTile - 1) / kTile <= kMaxGridYZ,
+                      "m and n must be <= " << kMaxGridYZ * kTile << ", got " << m << " x " << n);
   OPCM_CUDA_ARG_CHECK(batch <= kMaxGridYZ,
                       "batch must be <= " << kMaxGridYZ << " per call, got " << batch
                                           << "; split the group");
@@ -183,11 +185,21 @@ std::size_t gesvdj_bytes(cusolverDnHandle_t h, gesvdjInfo_t params, const Dims& 
 }
 
 #if OPCM_HAVE_XSYEVBATCHED
-void syev_batched_bytes(SolverContext& ctx, const Dims& d, std::int64_t chunk, const void* g,
+// cuSOLVER may decline a size or a device it has no syevBatched kernel for;
+// those statuses send the matrices to the fallback instead of failing.
+bool syev_declined(cusolverStatus_t st) {
+  return st == CUSOLVER_STATUS_NOT_SUPPORTED || st == CUSOLVER_STATUS_ARCH_MISMATCH;
+}
+
+// Returns false (sizes untouched) when cuSOLVER declines the problem.
+bool syev_batched_bytes(SolverContext& ctx, const Dims& d, std::int64_t chunk, const void* g,
                         const void* w, std::size_t* dev_bytes, std::size_t* host_bytes) {
-  OPCM_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(
+  const cusolverStatus_t st = cusolverDnXsyevBatched_bufferSize(
       ctx.solver, ctx.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, d.s, CUDA_R_64F, g,
-      /*lda=*/d.s, CUDA_R_64F, w, CUDA_R_64F, dev_bytes, host_bytes, chunk));
+      /*lda=*/d.s, CUDA_R_64F, w, CUDA_R_64F, dev_bytes, host_bytes, chunk);
+  if (syev_declined(st)) return false;
+  check_cusolver(st, __FILE__, __LINE__, "cusolverDnXsyevBatched_bufferSize(...)");
+  return true;
 }
 #endif
 
@@ -203,8 +215,7 @@ std::size_t solver_region_bytes(SolverContext& ctx, const Dims& d) {
   const std::int64_t chunk = syev_chunk(d, /*honour_hook=*/false);
   if (chunk > 0) {
     std::size_t dev = 0, host = 0;
-    syev_batched_bytes(ctx, d, chunk, nullptr, nullptr, &dev, &host);
-    bytes = dev;
+    if (syev_batched_bytes(ctx, d, chunk, nullptr, nullptr, &dev, &host)) bytes = dev;
   }
 #endif
   const std::size_t per_slot =
@@ -546,32 +557,52 @@ void batched_thin_svd(std::uintptr_t a, std::int64_t batch, std::int64_t m, std:
             buf.g, d.s, ss, d.batch);
     }
     // ---- 3. G = W diag(lam) W^T, in place, ascending eigenvalues.
+    std::vector<char> ran(static_cast<std::size_t>(d.batch), 0);
+    bool any_ran = false;
     for (std::int64_t c0 = 0; c0 < d.batch; c0 += chunk) {
       const std::int64_t cb = (d.batch - c0) < chunk ? (d.batch - c0) : chunk;
       double* g = buf.g + c0 * ss;
       double* lam = buf.lam + c0 * d.s;
       std::size_t dev_bytes = 0, host_bytes = 0;
-      syev_batched_bytes(*ctx, d, cb, g, lam, &dev_bytes, &host_bytes);
+      if (!syev_batched_bytes(*ctx, d, cb, g, lam, &dev_bytes, &host_bytes)) continue;
       OPCM_CUDA_ARG_CHECK(dev_bytes <= buf.solver_bytes,
                           "work_bytes is too small for cusolverDnXsyevBatched ("
                               << dev_bytes << " bytes needed, " << buf.solver_bytes
                               << " left); use svd_workspace_size()");
       if (ctx->host_work.size() < host_bytes) ctx->host_work.resize(host_bytes);
-      OPCM_CUSOLVER_CHECK(cusolverDnXsyevBatched(
+      const cusolverStatus_t st = cusolverDnXsyevBatched(
           ctx->solver, ctx->params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, d.s,
           CUDA_R_64F, g, /*lda=*/d.s, CUDA_R_64F, lam, CUDA_R_64F, buf.solver, dev_bytes,
-          host_bytes ? ctx->host_work.data() : nullptr, host_bytes, info_d + c0, cb));
+          host_bytes ? ctx->host_work.data() : nullptr, host_bytes, info_d + c0, cb);
+      if (syev_declined(st)) continue;
+      if (st == CUSOLVER_STATUS_INVALID_VALUE) {
+        // The routine reports the offending parameter as info[0] = -i.
+        int bad = 0;
+        (void)cudaMemcpy(&bad, info_d + c0, sizeof(int), cudaMemcpyDeviceToHost);
+        throw_library_error(__FILE__, __LINE__, "cuSOLVER", cusolver_status_name(st),
+                            "invalid parameter #" + std::to_string(-bad) + " (n=" +
+                                std::to_string(d.s) + ", batch=" + std::to_string(cb) + ")",
+                            "cusolverDnXsyevBatched(...)");
+      }
+      check_cusolver(st, __FILE__, __LINE__, "cusolverDnXsyevBatched(...)");
+      for (std::int64_t b = c0; b < c0 + cb; ++b) ran[static_cast<std::size_t>(b)] = 1;
+      any_ran = true;
     }
     // ---- 4. info, read once.
     std::vector<int> h_info(static_cast<std::size_t>(d.batch), 0);
-    OPCM_CUDA_CHECK(cudaMemcpyAsync(h_info.data(), info_d, sizeof(int) * d.batch,
-                                    cudaMemcpyDeviceToHost, stream));
-    OPCM_CUDA_CHECK(cudaStreamSynchronize(stream));
-    for (std::int64_t b = 0; b < d.batch; ++b) {
-      if (h_info[static_cast<std::size_t>(b)] != 0) failed.push_back(b);
+    if (any_ran) {
+      OPCM_CUDA_CHECK(cudaMemcpyAsync(h_info.data(), info_d, sizeof(int) * d.batch,
+                                      cudaMemcpyDeviceToHost, stream));
+      OPCM_CUDA_CHECK(cudaStreamSynchronize(stream));
     }
-    // ---- 5. Y = P W (L x s).
-    if (d.tall) {
+    for (std::int64_t b = 0; b < d.batch; ++b) {
+      const std::size_t i = static_cast<std::size_t>(b);
+      if (!ran[i] || h_info[i] != 0) failed.push_back(b);
+    }
+    // ---- 5. Y = P W (L x s), unless every matrix goes to the fallback anyway.
+    if (failed.size() == static_cast<std::size_t>(d.batch)) {
+      // nothing to do
+    } else if (d.tall) {
       // P = X^T with X s x L (ld s): Y = X^T W -> gemm(T, N), M = L, N = s,
       // K = s; A stored K x M = s x L (lda s), B = W (s x s, ldb s).
       dgemm(ctx->blas, CUBLAS_OP_T, CUBLAS_OP_N, d.L, d.s, d.s, buf.x, d.s, ls, buf.g, d.s, ss,
@@ -642,8 +673,6 @@ void batched_thin_svd(std::uintptr_t a, std::int64_t batch, std::int64_t m, std:
         src, stride, ld, buf.perm, d.s, rows, as_ptr<float>(out));
     OPCM_CUDA_CHECK_LAUNCH();
   };
-  OPCM_CUDA_ARG_CHECK((d.L + kTile - 1) / kTile <= kMaxGridYZ,
-                      "max(m, n) = " << d.L << " is too large for the output kernel");
   if (d.tall) {
     gather(buf.y, ls, d.L, d.m, u);
     gather(buf.g, ss, d.s, d.n, v);
