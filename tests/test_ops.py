@@ -1,0 +1,537 @@
+"""opcm_ext.ops: every native op against its torch twin, the projection against the spec.
+
+- Element-wise ops (deltas, sigma_update, finalize, sumsq) run the compiled kernels and
+  the ``backend="torch"`` twins on the same inputs; fp32 results must agree to the ulp
+  budget of ``ULP_TOL`` (0 on the CPU: same IEEE operations), float64 sums to ``SUM_RTOL``.
+- ``project`` is compared with a plain full-SVD implementation of ../shared/SPEC.md
+  written below (U m x m, V n x n, float64) on random full-rank inputs.
+- The SVD is checked through invariants (orthonormal columns, reconstruction, singular
+  values vs torch in float64), never through the signs of vectors.
+Devices come from the ``device`` fixture (CPU, plus CUDA when torch sees a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+import torch
+
+from opcm_ext import _native, ops
+from opcm_ext.errors import BackendError, ConfigError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# Element-wise results, native vs torch twin, in units in the last place of the output dtype.
+# The kernels do the same IEEE fp32 operations as torch (no FMA, true division, round to
+# nearest even), so the budget is zero on the CPU; CUDA gets one ulp per output dtype.
+ULP_TOL = {
+    "cpu": {torch.float32: 0, torch.float16: 0, torch.bfloat16: 0},
+    "cuda": {torch.float32: 1, torch.float16: 1, torch.bfloat16: 1},
+}
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+SUM_RTOL = 1e-12  # float64 sums of squares: only the summation order differs
+SVD_TOL = 2e-5  # fp32 SVD invariants, relative to sigma_1 / ||A||
+PROJ_RTOL = 1e-5  # T' vs the full-SVD spec implementation, relative to ||T'||
+
+SIZES = [0, 1, 7, 1000, 3 * 32768 + 5]  # empty, single, odd, one block, several blocks + tail
+
+
+def _ids(v):
+    if isinstance(v, torch.dtype):
+        return DNAME[v]
+    return None
+
+
+def _rand(n, dtype, device, scale=1.0, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    return (torch.randn(n, generator=g) * scale).to(dtype).to(device)
+
+
+def assert_close_ulp(actual, expected, dtype, device):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    tol = ULP_TOL[torch.device(device).type][dtype]
+    if tol == 0:
+        assert torch.equal(actual.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        return
+    a, e = actual.double(), expected.double()
+    finite = torch.isfinite(e)
+    assert torch.equal(torch.isnan(a), torch.isnan(e))
+    assert torch.equal(a[~finite & ~torch.isnan(e)], e[~finite & ~torch.isnan(e)])
+    err = (a[finite] - e[finite]).abs()
+    assert bool((err <= tol * ULP[dtype] * e[finite].abs().clamp_min(torch.finfo(dtype).tiny)).all())
+
+
+def assert_sum_close(actual, expected):
+    assert actual.dtype == torch.float64 and actual.dim() == 0
+    a, e = float(actual), float(expected)
+    if math.isnan(e) or math.isinf(e):
+        assert (math.isnan(a) and math.isnan(e)) or a == e
+    else:
+        assert a == pytest.approx(e, rel=SUM_RTOL, abs=1e-300)
+
+
+# ----------------------------------------------------------------------------- deltas
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_deltas_matches_torch(device, dtype, n):
+    base, merged, new = (_rand(n, dtype, device, gen_seed=s) for s in (1, 2, 3))
+    M, T, sm, st = ops.deltas(base, merged, new)
+    M2, T2, sm2, st2 = ops.deltas(base, merged, new, backend="torch")
+    assert M.dtype == T.dtype == torch.float32 and M.device == T.device == base.device
+    assert_close_ulp(M, M2, torch.float32, device)
+    assert_close_ulp(T, T2, torch.float32, device)
+    assert torch.equal(T.cpu(), new.cpu().float() - base.cpu().float())  # the spec's exact op order
+    assert_sum_close(sm, sm2)
+    assert_sum_close(st, st2)
+    assert sm.device == base.device
+
+
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.float32, torch.float16), (torch.float16, torch.bfloat16, torch.float32)],
+    ids=lambda d: "-".join(DNAME[x] for x in d),
+)
+def test_deltas_mixed_dtypes(device, dtypes):
+    base, merged, new = (_rand(777, dt, device, gen_seed=i) for i, dt in enumerate(dtypes))
+    M, T, sm, st = ops.deltas(base, merged, new)
+    assert torch.equal(M.cpu(), merged.cpu().float() - base.cpu().float())
+    assert torch.equal(T.cpu(), new.cpu().float() - base.cpu().float())
+    assert_sum_close(st, (new.cpu().double().float() - base.cpu().float()).double().square().sum())
+
+
+def test_deltas_without_merged_leaves_m_sum_untouched(device):
+    base, new = _rand(100, torch.float16, device, gen_seed=1), _rand(100, torch.float16, device, gen_seed=2)
+    acc = torch.tensor([5.0, 1.0], dtype=torch.float64, device=device)
+    M, T, sm, st = ops.deltas(base, None, new, accum=acc)
+    assert M is None and sm is None
+    assert float(acc[0]) == 5.0
+    assert_sum_close(st, 1.0 + (new.float() - base.float()).double().square().sum())
+    assert st.data_ptr() == acc[1].data_ptr()  # the caller's accumulator, no copy
+
+
+def test_deltas_accumulates_over_calls(device):
+    acc_m = torch.zeros((), dtype=torch.float64, device=device)
+    acc_t = torch.zeros((), dtype=torch.float64, device=device)  # not adjacent: added via a temporary
+    want_m = want_t = 0.0
+    for seed in range(3):
+        b, m, t = (_rand(5000 + seed, torch.bfloat16, device, gen_seed=10 * seed + i) for i in range(3))
+        out = ops.deltas(b, m, t, accum=(acc_m, acc_t))
+        assert out[2] is acc_m and out[3] is acc_t
+        want_m += float((m.float() - b.float()).double().square().sum())
+        want_t += float((t.float() - b.float()).double().square().sum())
+    assert float(acc_m) == pytest.approx(want_m, rel=SUM_RTOL)
+    assert float(acc_t) == pytest.approx(want_t, rel=SUM_RTOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_input_shows_in_sums(device, dtype, bad):
+    base = _rand(70000, dtype, device, gen_seed=1)
+    merged = _rand(70000, dtype, device, gen_seed=2)
+    new = _rand(70000, dtype, device, gen_seed=3)
+    new[40000] = float(bad)
+    M, T, sm, st = ops.deltas(base, merged, new)
+    assert math.isfinite(float(sm))
+    assert (math.isnan if bad == "nan" else math.isinf)(float(st))
+    assert (math.isnan if bad == "nan" else math.isinf)(float(ops.sumsq(new)))
+    if bad == "inf":
+        assert float(st) > 0
+
+
+def test_deltas_outputs_for_noncontiguous_inputs(device):
+    base = _rand(60, torch.float32, device, gen_seed=1).reshape(6, 10).t()
+    new = _rand(60, torch.float32, device, gen_seed=2).reshape(6, 10).t()
+    _, T, _, _ = ops.deltas(base, None, new)
+    assert T.shape == (10, 6) and torch.equal(T, new - base)
+
+
+def test_sums_do_not_depend_on_thread_count():
+    x = _rand(10 * 32768 + 11, torch.float32, "cpu", gen_seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = float(ops.sumsq(x))
+        torch.set_num_threads(max(2, threads))
+        many = float(ops.sumsq(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert one == many  # bitwise: fixed blocks, fixed combination order
+
+
+# ----------------------------------------------------------------------------- sigma_update
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_sigma_update_matches_torch(device, n):
+    M, Tp = _rand(n, torch.float32, device, gen_seed=1), _rand(n, torch.float32, device, gen_seed=2)
+    lam = 1.7320508075688772
+    S, ss = ops.sigma_update(M, Tp, lam)
+    S2, ss2 = ops.sigma_update(M, Tp, lam, backend="torch")
+    assert_close_ulp(S, S2, torch.float32, device)
+    assert torch.equal(S.cpu(), M.cpu() * lam + Tp.cpu())
+    assert_sum_close(ss, ss2)
+
+
+def test_sigma_update_in_place_and_accumulate(device):
+    M, Tp = _rand(4099, torch.float32, device, gen_seed=1), _rand(4099, torch.float32, device, gen_seed=2)
+    want = M * 0.75 + Tp
+    acc = torch.full((), 2.0, dtype=torch.float64, device=device)
+    S, ss = ops.sigma_update(M, Tp, 0.75, out=M, accum=acc)
+    assert S.data_ptr() == M.data_ptr() and ss is acc
+    assert torch.equal(M, want)
+    assert float(acc) == pytest.approx(2.0 + float(want.double().square().sum()), rel=SUM_RTOL)
+
+
+# ----------------------------------------------------------------------------- finalize
+@pytest.mark.parametrize("n", [0, 1, 7, 70001], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("base_dtype", DTYPES, ids=_ids)
+def test_finalize_matches_torch(device, base_dtype, out_dtype, n):
+    base = _rand(n, base_dtype, device, gen_seed=1)
+    sigma = _rand(n, torch.float32, device, scale=0.3, gen_seed=2)
+    lam = 1.4142135623730951
+    out = ops.finalize(base, sigma, lam, out_dtype)
+    out2 = ops.finalize(base, sigma, lam, out_dtype, backend="torch")
+    assert out.dtype == out_dtype
+    assert_close_ulp(out, out2, out_dtype, device)
+
+
+def _special_floats() -> torch.Tensor:
+    vals = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 65504.0, 65519.99, 65520.0, 1e6, -1e6,
+            6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-10, 3.4e38, -3.4e38, 1e-38, 1.17549435e-38, 1e-45]
+    # ties: exactly halfway between two halves / two bfloat16 values, both parities
+    for v in (1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 2049.0, 2051.0):
+        vals += [v, -v]
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64).to(torch.int32)
+    return torch.cat([torch.tensor(vals, dtype=torch.float32), bits.view(torch.float32)])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=_ids)
+def test_finalize_rounding_is_bit_exact(out_dtype):
+    x = _special_floats()
+    zero = torch.zeros_like(x)
+    native = ops.finalize(x, zero, 1.0, out_dtype)
+    want = (x + zero).to(out_dtype)  # torch's own round-to-nearest-even
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(native), nan)
+    assert torch.equal(native[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    # and the same through a real division
+    y = ops.finalize(x, x, 3.0, out_dtype)
+    want = (x + x / 3.0).to(out_dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+def test_every_16bit_pattern_converts_exactly(dtype):
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = ops.finalize(x, torch.zeros(x.shape), 1.0, torch.float32)
+    want = x.float() + 0.0
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert float(ops.sumsq(x[~nan & torch.isfinite(want)])) == pytest.approx(
+        float(want[~nan & torch.isfinite(want)].double().square().sum()), rel=SUM_RTOL)
+
+
+def test_finalize_rejects_zero_lambda():
+    with pytest.raises(ValueError, match="lam"):
+        ops.finalize(torch.zeros(3), torch.zeros(3), 0.0, torch.float32)
+    with pytest.raises(ValueError, match="lam"):
+        ops.finalize(torch.zeros(3), torch.zeros(3), 1e300, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_sumsq_matches_torch(device, dtype, n):
+    x = _rand(n, dtype, device, gen_seed=3)
+    assert_sum_close(ops.sumsq(x), ops.sumsq(x, backend="torch"))
+
+
+# ----------------------------------------------------------------------------- raw kernels
+def test_kernel_argument_errors_name_the_argument():
+    C = _native.cpu()
+    x = torch.zeros(4)
+    sums = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="base_dtype"):
+        C.deltas(x.data_ptr(), 7, 0, 0, x.data_ptr(), 0, 0, x.data_ptr(), 4, sums.data_ptr())
+    with pytest.raises(ValueError, match="'n'"):
+        C.sumsq(x.data_ptr(), 0, -1, sums.data_ptr())
+    with pytest.raises(ValueError, match="x_ptr"):
+        C.sumsq(0, 0, 4, sums.data_ptr())
+    with pytest.raises(ValueError, match="sums_ptr"):
+        C.sigma_update(x.data_ptr(), x.data_ptr(), 1.0, x.data_ptr(), 4, 0)
+    P = torch.zeros(1, 3, 3)
+    r, keep = torch.tensor([4]), torch.tensor([3])
+    with pytest.raises(ValueError, match="r_ptr"):
+        C.mask_projection(P.data_ptr(), r.data_ptr(), keep.data_ptr(), 1, 3, P.data_ptr())
+
+
+def test_ops_argument_errors():
+    with pytest.raises(ValueError, match="shape"):
+        ops.deltas(torch.zeros(3), None, torch.zeros(4))
+    with pytest.raises(ValueError, match="dtype"):
+        ops.deltas(torch.zeros(3, dtype=torch.float64), None, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="alpha"):
+        ops.split_rank(torch.ones(1, 3), 0.0)
+    with pytest.raises(ConfigError, match="backend"):
+        ops.sumsq(torch.zeros(3), backend="numpy")
+
+
+def test_backend_from_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "_native", None)  # any native call would fail
+    monkeypatch.setenv("OPCM_BACKEND", "torch")
+    calls.append(ops.sumsq(torch.ones(5)))
+    assert float(calls[0]) == 5.0
+
+
+def test_missing_kernel_raises_backend_error_with_fix(monkeypatch):
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_C_error", "ImportError: test")
+    with pytest.raises(BackendError, match="pip install"):
+        ops.sumsq(torch.ones(3))
+    monkeypatch.setattr(_native, "_cuda_tried", True)
+    monkeypatch.setattr(_native, "_cuda", None)
+    monkeypatch.setattr(_native, "_cuda_error", "not built")
+    with pytest.raises(BackendError, match="OPCM_WITH_CUDA=ON"):
+        _native.cuda()
+    info = _native.available()
+    assert info["cpu"] is False and info["cuda"] is False and info["cpu_error"] == "ImportError: test"
+
+
+# ----------------------------------------------------------------------------- masking
+def _mask_plain(P, r, keep):
+    Q = torch.zeros_like(P)
+    for b in range(P.shape[0]):
+        rb, kb = int(r[b]), int(keep[b])
+        Q[b, :rb, :rb] = P[b, :rb, :rb]
+        for i in range(rb, kb):
+            Q[b, i, i] = P[b, i, i]
+    return Q
+
+
+@pytest.mark.parametrize("k", [1, 5, 16], ids=lambda k: f"k{k}")
+def test_mask_projection(device, k):
+    B = 6
+    P = torch.randn(B, k, k, device=device)
+    r = torch.tensor([0, k, min(2, k), 1, 0, k // 2][:B], device=device)
+    keep = torch.tensor([k, k, k - 1, 1, 0, k // 2][:B], device=device)
+    mod, tail = ops._kernels(P.device)
+    Q = torch.empty_like(P)
+    mod.mask_projection(P.data_ptr(), r.data_ptr(), keep.data_ptr(), B, k, Q.data_ptr(), *tail)
+    assert torch.equal(Q.cpu(), _mask_plain(P.cpu(), r.cpu(), keep.cpu()))
+    assert torch.equal(ops._mask_torch(P, r, keep).cpu(), Q.cpu())
+    mod.mask_projection(P.data_ptr(), r.data_ptr(), keep.data_ptr(), B, k, P.data_ptr(), *tail)  # in place
+    assert torch.equal(P.cpu(), Q.cpu())
+
+
+# ----------------------------------------------------------------------------- SVD
+SVD_SHAPES = [(3, 20, 20), (2, 50, 20), (2, 20, 50), (1, 1, 5), (4, 33, 17), (1, 7, 1)]
+
+
+def _shape_id(s):
+    return "x".join(map(str, s))
+
+
+def check_svd_invariants(A, U, S, V):
+    B, m, n = A.shape
+    k = min(m, n)
+    assert U.shape == (B, m, k) and S.shape == (B, k) and V.shape == (B, n, k)
+    A64, U64, S64, V64 = A.double().cpu(), U.double().cpu(), S.double().cpu(), V.double().cpu()
+    ref = torch.linalg.svdvals(A64)
+    scale = ref[:, :1].clamp_min(1e-30)
+    assert bool((S64[:, :-1] >= S64[:, 1:]).all()) and bool((S64 >= 0).all())
+    assert float(((S64 - ref).abs() / scale).max()) < SVD_TOL
+    eye = torch.eye(k, dtype=torch.float64)
+    keep = S64 > scale * max(m, n) * torch.finfo(torch.float32).eps
+    for b in range(B):
+        kb = int(keep[b].sum())
+        Ub, Vb = U64[b, :, :kb], V64[b, :, :kb]
+        assert float((Ub.mT @ Ub - eye[:kb, :kb]).abs().max()) < SVD_TOL
+        assert float((Vb.mT @ Vb - eye[:kb, :kb]).abs().max()) < SVD_TOL
+    recon = U64 @ torch.diag_embed(S64) @ V64.mT
+    assert float(torch.linalg.matrix_norm(recon - A64).max() / torch.linalg.matrix_norm(A64).max()) < SVD_TOL
+
+
+@pytest.mark.parametrize("shape", SVD_SHAPES, ids=_shape_id)
+def test_thin_svd_invariants(device, shape):
+    A = torch.randn(*shape, device=device)
+    U, S, V = ops.thin_svd(A)
+    assert U.device == A.device and U.dtype == torch.float32
+    check_svd_invariants(A, U, S, V)
+    U2, S2, V2 = ops.thin_svd(A, backend="torch")
+    check_svd_invariants(A, U2, S2, V2)
+
+
+@pytest.mark.parametrize("workers", ["1", "2", "3"])
+def test_thin_svd_thread_pool(monkeypatch, workers):
+    monkeypatch.setenv("OPCM_SVD_WORKERS", workers)
+    threads = torch.get_num_threads()
+    A = torch.randn(5, 40, 24) * 0.01
+    U, S, V = ops.thin_svd(A)
+    check_svd_invariants(A, U, S, V)
+    assert torch.get_num_threads() == threads  # the pool restores the caller's setting
+
+
+def test_thin_svd_2d_and_empty(device):
+    A = torch.randn(9, 4, device=device)
+    U, S, V = ops.thin_svd(A)
+    assert U.shape == (9, 4) and S.shape == (4,) and V.shape == (4, 4)
+    check_svd_invariants(A[None], U[None], S[None], V[None])
+    U, S, V = ops.thin_svd(torch.zeros(0, 5, 3, device=device))
+    assert U.shape == (0, 5, 3) and S.shape == (0, 3) and V.shape == (0, 3, 3)
+
+
+def test_thin_svd_nonfinite_is_backend_error(device):
+    A = torch.randn(2, 6, 5, device=device)
+    A[1, 2, 3] = float("nan")
+    with pytest.raises(BackendError):
+        ops.thin_svd(A)
+
+
+# ----------------------------------------------------------------------------- projection
+def split_rank_plain(s: list[float], alpha: float) -> int:
+    total = sum(s)
+    acc = 0.0
+    for i, v in enumerate(s):
+        acc += v
+        if total > 0 and acc / total > alpha:
+            return i
+    return 0
+
+
+def test_split_rank():
+    S = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert ops.split_rank(S, 0.5).tolist() == [1, 0, 0, 1]
+    assert ops.split_rank(S[0], 0.5).item() == 1
+    assert ops.split_rank(torch.tensor([[1.0, 1.0]]), 1.0).tolist() == [0]
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(50, 12, generator=g).sort(dim=-1, descending=True).values ** 3
+    for alpha in (0.1, 0.5, 0.9):
+        r = ops.split_rank(S, alpha)
+        assert r.dtype == torch.int64
+        assert r.tolist() == [split_rank_plain(row.tolist(), alpha) for row in S.double()]
+
+
+def test_keep_count():
+    S = torch.tensor([[2.0, 1.0, 1e-9, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert ops.keep_count(S, 10, 4).tolist() == [2, 0]
+
+
+def project_full_svd_spec(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
+    """../shared/SPEC.md, 'OPCM step', literally: full SVD, P = U^T T V, zero diag and P[:r,:r]."""
+    M, T = M.double(), T.double()
+    m, n = M.shape
+    U, S, Vh = torch.linalg.svd(M, full_matrices=True)  # U m x m, V n x n
+    V = Vh.mT
+    r = split_rank_plain(S.tolist(), alpha)
+    P = U.mT @ T @ V
+    for i in range(min(m, n)):
+        P[i, i] = 0.0
+    P[:r, :r] = 0.0
+    return U @ P @ V.mT
+
+
+PROJ_SHAPES = [(1, 24, 24), (2, 40, 16), (2, 16, 40), (1, 96, 64)]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9], ids=lambda a: f"a{a}")
+@pytest.mark.parametrize("shape", PROJ_SHAPES, ids=_shape_id)
+def test_project_matches_full_svd_spec(device, shape, alpha):
+    B, m, n = shape
+    M = torch.randn(B, m, n, device=device)
+    T = torch.randn(B, m, n, device=device)
+    U, S, V = ops.thin_svd(M)
+    for backend in (None, "torch"):
+        Tp = ops.project(T, U, S, V, alpha, backend=backend)
+        assert Tp.shape == T.shape and Tp.dtype == torch.float32 and Tp.device == T.device
+        for b in range(B):
+            want = project_full_svd_spec(M[b].cpu(), T[b].cpu(), alpha)
+            err = torch.linalg.matrix_norm(Tp[b].double().cpu() - want) / torch.linalg.matrix_norm(want)
+            assert float(err) < PROJ_RTOL, (backend, b, float(err))
+
+
+@pytest.mark.parametrize("shape", PROJ_SHAPES, ids=_shape_id)
+def test_projection_is_orthogonal_to_m(device, shape):
+    M = torch.randn(*shape, device=device)
+    T = torch.randn(*shape, device=device) + 0.5 * M  # T correlated with M
+    Tp = ops.project(T, *ops.thin_svd(M), 0.5)
+    for b in range(shape[0]):
+        inner = float((Tp[b].double() * M[b].double()).sum())
+        assert abs(inner) < 1e-5 * float(Tp[b].double().norm() * M[b].double().norm())
+        assert abs(float((T[b].double() * M[b].double()).sum())) > 1e-2 * float(T[b].norm() * M[b].norm())
+
+
+def test_zero_m_keeps_t(device):
+    M = torch.zeros(2, 12, 7, device=device)
+    T = torch.randn(2, 12, 7, device=device)
+    U, S, V = ops.thin_svd(M)
+    for backend in (None, "torch"):
+        assert torch.equal(ops.project(T, U, S, V, 0.5, backend=backend), T)
+
+
+def test_rank_deficient_m_drops_zero_triplets(device):
+    g = torch.Generator().manual_seed(1)
+    M = (torch.randn(2, 20, 3, generator=g) @ torch.randn(2, 3, 15, generator=g)).to(device)  # rank 3
+    T = torch.randn(2, 20, 15, generator=g).to(device)
+    U, S, V = ops.thin_svd(M)
+    assert ops.keep_count(S, 20, 15).tolist() == [3, 3]
+    Tp = ops.project(T, U, S, V, 0.5)
+    Tp2 = ops.project(T, U, S, V, 0.5, backend="torch")
+    assert float((Tp - Tp2).norm() / Tp2.norm()) < PROJ_RTOL
+    # only the 3 real triplets act: T' = T - U3 Q3 V3^T, independent of the null-space vectors
+    for b in range(2):
+        U3, V3 = U[b, :, :3].double(), V[b, :, :3].double()
+        P3 = U3.mT @ T[b].double() @ V3
+        r = int(ops.split_rank(S[b], 0.5))
+        Q3 = torch.diag(torch.diagonal(P3))
+        Q3[:r, :r] = P3[:r, :r]
+        want = T[b].double() - U3 @ Q3 @ V3.mT
+        assert float((Tp[b].double() - want).norm() / want.norm()) < PROJ_RTOL
+        assert abs(float((Tp[b].double() * M[b].double()).sum())) < 1e-5 * float(Tp[b].norm() * M[b].norm())
+
+
+def test_project_2d(device):
+    M, T = torch.randn(10, 6, device=device), torch.randn(10, 6, device=device)
+    U, S, V = ops.thin_svd(M)
+    Tp = ops.project(T, U, S, V, 0.5)
+    assert Tp.shape == (10, 6)
+    want = project_full_svd_spec(M.cpu(), T.cpu(), 0.5)
+    assert float((Tp.double().cpu() - want).norm() / want.norm()) < PROJ_RTOL
+
+
+def test_vit_b32_sized_projection():
+    """One 768x3072 weight (the wide orientation the CPU SVD transposes)."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(1, 768, 3072, generator=g) * 0.02
+    T = torch.randn(1, 768, 3072, generator=g) * 0.02
+    Tp = ops.project(T, *ops.thin_svd(M), 0.5)
+    want = project_full_svd_spec(M[0], T[0], 0.5)
+    assert float((Tp[0].double() - want).norm() / want.norm()) < PROJ_RTOL
+
+
+# ----------------------------------------------------------------------------- CuPy
+def test_cupy_arrays_round_trip():
+    cupy = pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("CuPy arrays need a GPU")
+    base = cupy.asarray(torch.randn(1000).numpy()).astype(cupy.float16)
+    new = cupy.asarray(torch.randn(1000).numpy()).astype(cupy.float16)
+    M, T, sm, st = ops.deltas(base, None, new)
+    assert M is None and isinstance(T, cupy.ndarray) and isinstance(st, cupy.ndarray)
+    want = new.astype(cupy.float32) - base.astype(cupy.float32)
+    assert bool(cupy.array_equal(T, want))
+    A = cupy.random.standard_normal((2, 12, 8), dtype=cupy.float32)
+    U, S, V = ops.thin_svd(A)
+    assert isinstance(U, cupy.ndarray)
+    Tp = ops.project(cupy.random.standard_normal((2, 12, 8), dtype=cupy.float32), U, S, V, 0.5)
+    assert isinstance(Tp, cupy.ndarray) and Tp.shape == (2, 12, 8)
+
+
+def test_f32_helper_rejects_overflow():
+    with pytest.raises(ValueError):
+        ops._f32(1e39, "x", "lam")
+    assert ops._f32(1.0000000001, "x", "lam") == struct.unpack("f", struct.pack("f", 1.0000000001))[0]
