@@ -116,6 +116,9 @@ if grep -Eq '^lib(torch|c10)' <<<"$NEEDED"; then fail "the module links libtorch
 DYN="$(readelf -d "$MOD")"
 grep -E 'RUNPATH|RPATH' <<<"$DYN" || fail "the module has no RUNPATH"
 grep -q 'ORIGIN/../nvidia/cu13/lib' <<<"$DYN" || fail "RUNPATH lacks \$ORIGIN/../nvidia/cu13/lib"
+if grep -Eq 'path: \[:|::|:\]' <<<"$DYN"; then
+  fail "RUNPATH has an empty entry (the current directory)"
+fi
 
 say "every dependency resolves (ldd)"
 LDD="$(ldd "$MOD")"

@@ -11,6 +11,9 @@
 #   CMAKE_CUDA_ARCHITECTURES (optional) default: sm_80 and sm_90 code plus
 #                            compute_90 PTX (JIT-compiled on newer GPUs)
 #   OPCM_CUDA_WERROR         (optional, OFF) warnings are errors (CI)
+#   OPCM_CUDA_RPATH          (optional) extra run paths from the top-level file
+# OPCM_CUSOLVER_LIBRARY & co. may already be set by the top-level file; the
+# searches below then keep its results.
 # The module links neither libtorch nor the static CUDA runtime: it uses the
 # shared libcudart, which torch's CUDA wheels also load, so both share one
 # runtime (and one set of primary contexts) in the process.
@@ -109,6 +112,7 @@ target_link_options(_cuda PRIVATE
 # one lib dir per component). The absolute directories found above come last,
 # for builds used in place. opcm_ext/_native.py also preloads these libraries.
 set(_opcm_cuda_rpath
+  ${OPCM_CUDA_RPATH}  # the top-level CMakeLists.txt's list, when it provides one
   "$ORIGIN/../nvidia/cu13/lib"
   "$ORIGIN/../nvidia/cusolver/lib"
   "$ORIGIN/../nvidia/cublas/lib"
@@ -126,9 +130,11 @@ set_target_properties(_cuda PROPERTIES
   CXX_STANDARD 17
   CXX_STANDARD_REQUIRED ON
   POSITION_INDEPENDENT_CODE ON
-  BUILD_RPATH "${_opcm_cuda_rpath}"
-  INSTALL_RPATH "${_opcm_cuda_rpath}"
-  BUILD_RPATH_USE_ORIGIN ON)
+  # One run path for the build tree and the install: CMake then has nothing to
+  # rewrite at install time and does not pad the build RUNPATH with ':' (an
+  # empty entry, i.e. the current directory).
+  BUILD_WITH_INSTALL_RPATH ON
+  INSTALL_RPATH "${_opcm_cuda_rpath}")
 
 # Same output directory as the CPU module, so both land in opcm_ext/.
 if(DEFINED OPCM_MODULE_OUTPUT_DIR)

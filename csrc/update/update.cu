@@ -9,6 +9,7 @@
 // block (warp shuffles), then one atomicAdd per block into the caller's
 // float64 `sums` (so the sums are reproducible up to the order of those
 // per-block atomics, i.e. to ~1e-16 relative).
+#include <cmath>
 #include <cstdint>
 
 #include "../cuda_common/device.cuh"
@@ -165,6 +166,15 @@ void check_elem_aligned(std::uintptr_t p, int dt, const char* name) {
                       name << " is not aligned to its element size (" << dtype_name(dt) << ")");
 }
 
+// The scale as the float32 the kernels use: finite (and non-zero for a divisor).
+float checked_scale(double v, const char* name, bool nonzero) {
+  const float f = static_cast<float>(v);
+  OPCM_CUDA_ARG_CHECK(std::isfinite(f) && (!nonzero || f != 0.0f),
+                      name << " must be finite" << (nonzero ? " and non-zero" : "")
+                           << " in float32, got " << v);
+  return f;
+}
+
 void check_sums(std::uintptr_t sums) {
   OPCM_CUDA_ARG_CHECK(sums != 0, "sums_ptr is a null pointer");
   OPCM_CUDA_ARG_CHECK(aligned_to(sums, 8), "sums_ptr must be 8-byte aligned (float64)");
@@ -210,6 +220,7 @@ void sigma_update(std::uintptr_t m, std::uintptr_t tp, double lam_prev, std::uin
                   std::int64_t n, std::uintptr_t sums, std::uintptr_t stream) {
   OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
   check_sums(sums);
+  const float lam = checked_scale(lam_prev, "lam_prev", false);
   if (n == 0) return;
   check_elem_aligned(m, kFloat32, "m_ptr");
   check_elem_aligned(tp, kFloat32, "tp_ptr");
@@ -219,7 +230,7 @@ void sigma_update(std::uintptr_t m, std::uintptr_t tp, double lam_prev, std::uin
   const bool vec = aligned_to(m, 16) && aligned_to(tp, 16) && aligned_to(out, 16);
   const std::int64_t items = vec ? (n + 3) / 4 : n;
   sigma_update_kernel<<<grid_for(items, kThreads), kThreads, 0, as_stream(stream)>>>(
-      as_ptr<const float>(m), as_ptr<const float>(tp), static_cast<float>(lam_prev),
+      as_ptr<const float>(m), as_ptr<const float>(tp), lam,
       as_ptr<float>(out), n, vec, as_ptr<double>(sums));
   OPCM_CUDA_CHECK_LAUNCH();
 }
@@ -229,7 +240,7 @@ void finalize(std::uintptr_t base, int base_dtype, std::uintptr_t sigma, double 
   OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
   check_dtype(base_dtype, "base_dtype");
   check_dtype(out_dtype, "out_dtype");
-  OPCM_CUDA_ARG_CHECK(lam != 0.0, "lam must be non-zero");
+  const float lamf = checked_scale(lam, "lam", true);
   if (n == 0) return;
   check_elem_aligned(base, base_dtype, "base_ptr");
   check_elem_aligned(sigma, kFloat32, "sigma_ptr");
@@ -240,7 +251,7 @@ void finalize(std::uintptr_t base, int base_dtype, std::uintptr_t sigma, double 
                    quad_aligned(out, out_dtype);
   const std::int64_t items = vec ? (n + 3) / 4 : n;
   finalize_kernel<<<grid_for(items, kThreads), kThreads, 0, as_stream(stream)>>>(
-      as_ptr<const void>(base), base_dtype, as_ptr<const float>(sigma), static_cast<float>(lam),
+      as_ptr<const void>(base), base_dtype, as_ptr<const float>(sigma), lamf,
       as_ptr<void>(out), out_dtype, n, vec);
   OPCM_CUDA_CHECK_LAUNCH();
 }
