@@ -12,6 +12,7 @@ pip's build isolation (torch is not a build requirement).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -87,10 +88,23 @@ class CMakeBuild(build_ext):
         self._opcm_extdir = extdir
         build_type = os.environ.get("OPCM_CMAKE_BUILD_TYPE", "Debug" if self.debug else "Release")
         cmake = _cmake_executable()
-        # A stable build folder in the source tree (editable installs otherwise get a fresh
-        # temporary one each time), so rebuilds are incremental.
-        build_temp = ROOT / "build" / f"cmake-{sysconfig.get_platform()}-{sys.implementation.cache_tag}-{build_type}"
+        try:
+            import pybind11
+
+            pybind11_dir = pybind11.get_cmake_dir()
+        except ImportError:
+            pybind11_dir = ""
+        # A stable build folder per toolchain in the source tree (editable installs otherwise
+        # get a fresh temporary one each time), so rebuilds are incremental; builds under
+        # pip's isolation (a temporary toolchain) get their own folder, removed by a later
+        # build once that toolchain is gone.
+        toolchain = [sys.executable, cmake, pybind11_dir, os.environ.get("CMAKE_ARGS", "")]
+        key = hashlib.sha1("\n".join(toolchain).encode()).hexdigest()[:10]
+        build_root = ROOT / "build"
+        _remove_stale_build_dirs(build_root)
+        build_temp = build_root / f"cmake-{sys.implementation.cache_tag}-{build_type}-{key}"
         build_temp.mkdir(parents=True, exist_ok=True)
+        (build_temp / _STAMP).write_text("\n".join(toolchain))
 
         cmake_args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
@@ -112,14 +126,6 @@ class CMakeBuild(build_ext):
                 cmake_args.append("-DOPCM_CUDA_LIB_HINTS=" + ";".join(lib_hints))
             if inc_hints:
                 cmake_args.append("-DOPCM_CUDA_INCLUDE_HINTS=" + ";".join(inc_hints))
-
-        try:
-            import pybind11
-
-            pybind11_dir = pybind11.get_cmake_dir()
-        except ImportError:
-            pybind11_dir = ""
-        _reset_stale_cache(build_temp, [sys.executable, cmake, pybind11_dir, os.environ.get("CMAKE_ARGS", "")])
 
         if "CMAKE_GENERATOR" not in os.environ and not (build_temp / "CMakeCache.txt").exists():
             cmake_args.append("-GNinja")
@@ -161,15 +167,18 @@ class CMakeBuild(build_ext):
             self.copy_file(str(module), str(ROOT / PACKAGE / module.name), level=self.verbose)
 
 
-def _reset_stale_cache(build_temp: Path, toolchain: list[str]) -> None:
-    """Forget a CMake cache made by another toolchain (e.g. a vanished build-isolation env)."""
-    stamp = build_temp / "opcm-toolchain.txt"
-    want = "\n".join(toolchain)
-    if stamp.exists() and stamp.read_text() == want:
-        return
-    (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
-    shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
-    stamp.write_text(want)
+_STAMP = "opcm-toolchain.txt"
+
+
+def _remove_stale_build_dirs(build_root: Path) -> None:
+    """Delete CMake folders of toolchains that no longer exist (finished build-isolation envs)."""
+    for d in build_root.glob("cmake-*"):
+        stamp = d / _STAMP
+        if not stamp.is_file():
+            continue
+        paths = [p for p in stamp.read_text().splitlines()[:3] if p]
+        if any(not Path(p).exists() for p in paths):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _cmake_executable() -> str:
