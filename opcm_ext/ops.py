@@ -354,8 +354,9 @@ def sumsq(x: torch.Tensor, *, accum: Any = None, backend: str | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- SVD
-# CPU: one single-threaded LAPACK gesdd per matrix, several side by side in a thread
-# pool (torch releases the GIL), each on the tall orientation (A or A^T) - see thin_svd.
+# CPU: per matrix, the float64 Gram matrix of the small side and its eigendecomposition
+# (LAPACK syevd through torch/MKL), several single-threaded matrices side by side in a
+# thread pool (torch releases the GIL) - see thin_svd for why.
 _svd_pool: ThreadPoolExecutor | None = None
 _svd_pool_size = 0
 _svd_lock = threading.Lock()
@@ -367,13 +368,39 @@ def _svd_workers(batch: int) -> int:
     return max(1, min(n, batch))
 
 
-def _gesdd_tall(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, V) of one matrix via LAPACK gesdd on its tall orientation (wide inputs ~3x faster so)."""
-    if a.shape[-2] < a.shape[-1]:
-        u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
-        return vh.mT, s, u
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u, s, vh.mT
+def _gram_eigh_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V) of one fp32 matrix from the float64 Gram matrix of its small side.
+
+    X = A (or A^T when wide), G = X^T X = W diag(S^2) W^T (eigh, float64), then
+    S_i = ||X w_i|| and the big side's vectors X w_i / S_i, sorted by S descending. All
+    arithmetic is float64, so every triplet with S_i above ~sqrt(k) * 1e-8 * S_1 is
+    resolved to float32 accuracy - far below project()'s cut S_1 * max(m, n) * eps32,
+    so every triplet it keeps is exact to float32. A column with S_i == 0 is zero.
+    """
+    wide = a.shape[-2] < a.shape[-1]
+    x = (a.mT if wide else a).to(torch.float64)
+    _, w = torch.linalg.eigh(x.mT @ x)
+    xw = x @ w
+    s = torch.linalg.vector_norm(xw, dim=0)
+    s, order = torch.sort(s, descending=True, stable=True)
+    w, xw = w[:, order], xw[:, order]
+    big = xw / torch.where(s > 0, s, 1.0)
+    big[:, s == 0] = 0.0
+    # The kept big-side columns lose orthogonality ~eps64 * S_1^2 / (S_i * S_j), at most
+    # ~1.6e-2 / L^2 (L = max(m, n)): below float32 rounding from L ~ 512 on. For smaller
+    # matrices (cheap) two Newton-Schulz polar steps X <- X (3I - X^T X) / 2 restore it,
+    # as the CUDA kernel does.
+    if max(a.shape) < 512:
+        kept = s > s[:1] * (max(a.shape) * _EPS32)
+        if bool(kept.any()):
+            X = big[:, kept]
+            eye = torch.eye(X.shape[1], dtype=X.dtype)
+            for _ in range(2):
+                X = X @ (1.5 * eye - 0.5 * (X.mT @ X))
+            big[:, kept] = X
+    if wide:
+        return w, s, big
+    return big, s, w
 
 
 def _thin_svd_cpu(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,12 +413,15 @@ def _thin_svd_cpu(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
     def one(b: int) -> None:
         try:
-            u, s, v = _gesdd_tall(A[b])
-        except RuntimeError as e:  # torch.linalg.LinAlgError: gesdd did not converge
+            u, s, v = _gram_eigh_svd(A[b])
+            err = None if bool(torch.isfinite(s).all()) else "non-finite singular values"
+        except RuntimeError as e:  # torch.linalg.LinAlgError: syevd did not converge
+            err = str(e).rstrip(".")
+        if err is not None:
             raise BackendError(
-                f"ops.thin_svd: LAPACK gesdd failed on matrix {b} of {B} (shape {m}x{n}): {e}; "
+                f"ops.thin_svd: the eigensolver failed on matrix {b} of {B} (shape {m}x{n}): {err}; "
                 "check the inputs for NaN/Inf."
-            ) from e
+            )
         U[b].copy_(u)
         S[b].copy_(s)
         V[b].copy_(v)
@@ -447,10 +477,17 @@ def _thin_svd_cuda(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def thin_svd(A: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of fp32 A[B,m,n] (or [m,n]): U[B,m,k], S[B,k] descending, V[B,n,k], k = min(m,n).
 
-    On the CPU every matrix is one LAPACK gesdd call (through torch, i.e. MKL) on its
-    tall orientation, with several single-threaded calls side by side in a thread pool
-    (``OPCM_SVD_WORKERS``, default ``torch.get_num_threads()``): on 2 cores this is about
-    3x faster than torch's batched multi-threaded call for the ViT-B/32 weights.
+    The small side (V when m >= n, else U) is orthonormal; the other side's columns are
+    orthonormal for every triplet project() keeps (S_i > S_1 * max(m, n) * eps32), and
+    zero where S_i == 0 - the same contract as the CUDA kernel.
+
+    CPU: per matrix, eigh of the float64 Gram matrix of the small side (_gram_eigh_svd),
+    single-threaded matrices side by side in a thread pool (``OPCM_SVD_WORKERS``, default
+    ``torch.get_num_threads()``). It costs the same as LAPACK sgesdd on the tall
+    orientation but is float64-accurate (sgesdd's T' is off by up to 1e-2 for power-law
+    spectra whose small singular values lie closer than eps32), and on 2 cores it is
+    ~3x faster than torch's batched multi-threaded svd, whose OpenMP barriers also
+    collapse when the cores are shared with other work.
     """
     _check_fp32(A, "thin_svd", "A")
     _require(A.dim() in (2, 3), "thin_svd", f"A must be [B, m, n] or [m, n], got shape {tuple(A.shape)}")
