@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opcm_ext.zoo.tasks import IMAGE_SIZE, PATCH_SIZE, TASKS, pretrain_augment, upscale
+from opcm_ext.zoo.tasks import CONCEPTS, DIGITS, IMAGE_SIZE, PATCH_SIZE, TASKS, pretrain_augment, upscale
 
 __all__ = ["BuildConfig", "build", "main"]
 
@@ -46,7 +46,7 @@ class BuildConfig:
         self.pretrain_steps = 1000
         self.pretrain_lr = 1e-3
         self.finetune_steps = 300
-        self.finetune_lr = 3e-4
+        self.finetune_lr = 1e-4
         self.weight_decay = 0.1
         self.threads = 1
         self.dtype = "float16"
@@ -86,6 +86,17 @@ def _load_digits(cfg: BuildConfig):
     order = np.random.default_rng(cfg.seed).permutation(len(labels))
     test, train = order[: cfg.test_size], order[cfg.test_size :]
     return (images[train], labels[train]), (images[test], labels[test])
+
+
+def concept_table(dim: int, seed: int) -> torch.Tensor:
+    """Fixed random unit embeddings of every concept (the zoo's stand-in for CLIP's text encoder)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return F.normalize(torch.randn(len(CONCEPTS), dim, generator=gen), dim=-1)
+
+
+def concept_head(classnames, table: torch.Tensor) -> torch.Tensor:
+    """A task's fixed head: the concept embeddings of its class names."""
+    return table[[CONCEPTS.index(c) for c in classnames]].clone()
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -170,18 +181,19 @@ def build(out: Path, cfg: BuildConfig | None = None, *, log: bool = True) -> dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    # ---- pre-training: generic augmentations, a learned cosine head that is thrown away
+    # ---- pre-training: generically augmented digits aligned with the digit concepts (CLIP-style)
     model = CLIPVisionModelWithProjection(_vision_config(cfg))
-    pre_head = torch.nn.Parameter(torch.randn(10, cfg.projection_dim) * 0.1)
+    table = concept_table(cfg.projection_dim, cfg.seed)
+    pre_head = concept_head(DIGITS, table)
     rng = np.random.default_rng(cfg.seed + 1)
 
     def pre_loss(x, y):
-        return F.cross_entropy(LOGIT_SCALE * _embed(model, x) @ F.normalize(pre_head, dim=-1).T, y)
+        return F.cross_entropy(LOGIT_SCALE * _embed(model, x) @ pre_head.T, y)
 
     batches = _batches(lambda idx, r: (pretrain_augment(g_train[idx], r), y_train[idx]),
                        len(y_train), cfg.batch_size, rng)
     t0 = time.perf_counter()
-    _train(model, list(model.parameters()) + [pre_head], batches, cfg.pretrain_steps,
+    _train(model, list(model.parameters()), batches, cfg.pretrain_steps,
            cfg.pretrain_lr, cfg.weight_decay, pre_loss, log, "pre-train")
     timings = {"pretrain_s": time.perf_counter() - t0}
     _save(model, tmp / "base", dtype)
@@ -190,8 +202,7 @@ def build(out: Path, cfg: BuildConfig | None = None, *, log: bool = True) -> dic
     # ---- fixed heads and held-out test sets
     heads, test_tensors, task_meta = {}, {}, []
     for i, spec in enumerate(TASKS):
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * (i + 1))
-        heads[spec.name] = F.normalize(torch.randn(spec.num_classes, cfg.projection_dim, generator=gen), dim=-1)
+        heads[spec.name] = concept_head(spec.classnames, table)
         x, y = spec.make(g_test, y_test, np.random.default_rng(cfg.seed * 1000 + 31 * (i + 1)))
         test_tensors[f"{spec.name}.pixels"] = torch.from_numpy(_to_uint8(x))
         test_tensors[f"{spec.name}.labels"] = torch.from_numpy(y)
