@@ -12,29 +12,38 @@ from opcm_ext.evaluation.runner import DEFAULT_METHODS, run_experiment
 
 __all__ = ["run_demo", "DEMO_ORDERS"]
 
-DEMO_ORDERS = 5
+DEMO_ORDERS = 3
 
 
 def run_demo(out_dir: str | Path, *, orders: int = DEMO_ORDERS, methods: Sequence[str] | None = None, seed: int = 0,
              zoo: str | Path | None = None, tasks: Sequence[str] | None = None, progress: bool = True,
-             plots: bool = True, device: str = "cpu", threads: int | None = None, stream=None) -> dict:
+             plots: bool = True, device: str = "cpu", threads: int | None = 1, stream=None) -> dict:
     """Run the demo; writes ``report.json`` and the PNG figures into ``out_dir`` and returns the report.
 
     ``tasks`` restricts the zoo's tasks (all by default); ``device`` is where both merging and
-    evaluation run; ``threads`` sets torch's CPU threads (None leaves torch's default).
+    evaluation run; ``threads`` sets torch's CPU threads for the run (restored afterwards; None
+    leaves torch's default). One thread is the default: the zoo's matrices are small, and on a
+    shared two-core machine two threads were 2.5x slower than one (oversubscription).
     """
     import torch
 
-    from opcm_ext.zoo import Zoo
-
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    stream = stream or sys.stdout
+    try:
+        return _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, stream or sys.stdout)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, stream) -> dict:
+    from opcm_ext.zoo import Zoo
+
     t0 = time.perf_counter()
     z = Zoo(zoo)
     names = list(tasks) if tasks is not None else z.tasks
     models = {t: z.model(t) for t in names}
-    method_params = {m: DEFAULT_METHODS[m] for m in (methods or DEFAULT_METHODS)} if methods else DEFAULT_METHODS
+    method_params = {m: DEFAULT_METHODS[m] for m in (methods or DEFAULT_METHODS)}
     report = run_experiment(z.base, models, z.evaluator(device=device), methods=method_params, num_orders=orders,
                             seed=seed, progress=progress, merge_kwargs={"device": device},
                             meta={"kind": "demo", "zoo": str(z.root)})

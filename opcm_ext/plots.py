@@ -42,12 +42,17 @@ def plot_accuracy_matrices(report: dict, path: str | Path, *, order_index: int =
     order = report["orders"][order_index]
     T = len(order)
     cell = 0.42 if T <= 10 else 0.3
-    fig_w = max(4.0, cell * T + 1.2) * len(methods)
-    fig, axes = plt.subplots(1, len(methods), figsize=(fig_w, cell * T + 1.9), squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    ncols = len(methods) if len(methods) <= 3 else 2
+    nrows = -(-len(methods) // ncols)
+    side = cell * T + 1.4
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 0.8, (side + 0.3) * nrows + 0.4),
+                             squeeze=False, layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(methods):]:
+        ax.set_visible(False)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = None
-    for ax, m in zip(axes[0], methods):
+    for ax, m in zip(flat, methods):
         run = report["methods"][m]["runs"][order_index]
         A = np.array([[np.nan if v is None else 100 * v for v in row] for row in run["matrix"]], dtype=float)
         im = ax.imshow(A, vmin=0, vmax=100, cmap=cmap)
@@ -61,11 +66,12 @@ def plot_accuracy_matrices(report: dict, path: str | Path, *, order_index: int =
         ax.set_yticks(range(T))
         ax.set_yticklabels([str(t + 1) for t in range(T)], fontsize=7)
         ax.set_ylabel("step (tasks merged)", fontsize=8)
+        ax.set_xlabel("task, in merge order", fontsize=8)
         ax.set_title(f"{_label(m)}\nACC {100 * run['acc']:.1f}  BWT {100 * run['bwt']:+.1f}", fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy (%)")
+    fig.colorbar(im, ax=flat[: len(methods)], shrink=0.6, label="accuracy (%)", pad=0.02)
     fig.suptitle(f"Accuracy after each merge step (order {order_index + 1})", fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
@@ -102,7 +108,7 @@ def plot_lambda(report: dict, path: str | Path) -> Path | None:
 def plot_acc_vs_tasks(report: dict, path: str | Path) -> Path:
     """Mean accuracy on the tasks merged so far vs the number of merged tasks, mean ± std over orders."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
     T = len(report["tasks"])
     ts = list(range(1, T + 1))
     for m, res in report["methods"].items():
@@ -122,8 +128,10 @@ def plot_acc_vs_tasks(report: dict, path: str | Path) -> Path:
     ax.set_xticks(ts)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"Accuracy as tasks arrive ({len(report['orders'])} orders)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    n = len(report["orders"])
+    ax.set_title(f"Accuracy on the merged tasks as tasks arrive (mean ± std, {n} order{'s' if n != 1 else ''})",
+                 fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)

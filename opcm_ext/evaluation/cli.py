@@ -40,13 +40,13 @@ def add_subcommands(sub) -> None:
                                    "with OPCM, continual Task Arithmetic, TIES and averaging over several task "
                                    "orders; print a Table-1-style table and write report.json and PNG plots.")
     d.add_argument("--out", default="opcm-demo", help="folder for report.json and the plots (default: ./opcm-demo)")
-    d.add_argument("--orders", type=_positive, default=None, help="number of shuffled task orders (default: 5)")
+    d.add_argument("--orders", type=_positive, default=None, help="number of shuffled task orders (default: 3)")
     d.add_argument("--seed", type=int, default=0, help="seed of the order shuffles (default: 0)")
     d.add_argument("--methods", type=_methods, default=None, help=f"comma list (default: {','.join(_METHODS)})")
     d.add_argument("--tasks", default=None, help="comma list of zoo tasks (default: all)")
     d.add_argument("--zoo", default=None, help="a zoo folder rebuilt with python -m opcm_ext.zoo.build (default: shipped)")
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu; the zoo is tiny)")
-    d.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: 1; the zoo is small)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     d.set_defaults(func=_cmd_demo)
 

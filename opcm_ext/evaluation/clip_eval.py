@@ -86,7 +86,7 @@ def read_vision_config(path: str | Path):
     model_type = raw.get("model_type")
     if model_type == "clip":
         vision = dict(raw.get("vision_config") or {})
-        vision.setdefault("projection_dim", raw.get("projection_dim", 512))
+        vision["projection_dim"] = raw.get("projection_dim", vision.get("projection_dim", 512))
         return CLIPVisionConfig(**vision)
     if model_type == "clip_vision_model":
         return CLIPVisionConfig.from_dict(raw)
@@ -140,9 +140,12 @@ class VisionEncoder(torch.nn.Module):
                     raise CheckpointError(f"{source}: tensor {k} has shape {tuple(t.shape)}, "
                                           f"config says {tuple(own[k].shape)}")
                 own[k].copy_(t)
-            if self.projection.weight.shape != proj.shape:
+            if proj.ndim != 2 or proj.shape[1] != self.config.hidden_size:
                 raise CheckpointError(f"{source}: visual projection has shape {tuple(proj.shape)}, "
-                                      f"expected {tuple(self.projection.weight.shape)}")
+                                      f"expected (projection_dim, {self.config.hidden_size})")
+            if self.projection.weight.shape != proj.shape:  # projection_dim not in the vision config
+                w = self.projection.weight
+                self.projection = torch.nn.Linear(proj.shape[1], proj.shape[0], bias=False).to(w.device, w.dtype)
             self.projection.weight.copy_(proj)
 
 
