@@ -17,13 +17,16 @@ DEMO_ORDERS = 3
 
 def run_demo(out_dir: str | Path, *, orders: int = DEMO_ORDERS, methods: Sequence[str] | None = None, seed: int = 0,
              zoo: str | Path | None = None, tasks: Sequence[str] | None = None, progress: bool = True,
-             plots: bool = True, device: str = "cpu", threads: int | None = 1, stream=None) -> dict:
+             plots: bool = True, device: str = "cpu", threads: int | None = 1, keep_dir: str | Path | None = None,
+             stream=None) -> dict:
     """Run the demo; writes ``report.json`` and the PNG figures into ``out_dir`` and returns the report.
 
     ``tasks`` restricts the zoo's tasks (all by default); ``device`` is where both merging and
     evaluation run; ``threads`` sets torch's CPU threads for the run (restored afterwards; None
-    leaves torch's default). One thread is the default: the zoo's matrices are small, and on a
-    shared two-core machine two threads were 2.5x slower than one (oversubscription).
+    leaves torch's default); ``keep_dir`` keeps every intermediate merged checkpoint
+    (``keep_dir/<method>/order<k>/step<t>``) instead of a temporary folder. One thread is the
+    default: the zoo's matrices are small, and on a shared two-core machine two threads were
+    2.5x slower than one (oversubscription).
     """
     import torch
 
@@ -31,12 +34,13 @@ def run_demo(out_dir: str | Path, *, orders: int = DEMO_ORDERS, methods: Sequenc
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, stream or sys.stdout)
+        return _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, keep_dir,
+                    stream or sys.stdout)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, stream) -> dict:
+def _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, keep_dir, stream) -> dict:
     from opcm_ext.zoo import Zoo
 
     t0 = time.perf_counter()
@@ -45,7 +49,7 @@ def _run(out_dir, orders, methods, seed, zoo, tasks, progress, plots, device, st
     models = {t: z.model(t) for t in names}
     method_params = {m: DEFAULT_METHODS[m] for m in (methods or DEFAULT_METHODS)}
     report = run_experiment(z.base, models, z.evaluator(device=device), methods=method_params, num_orders=orders,
-                            seed=seed, progress=progress, merge_kwargs={"device": device},
+                            seed=seed, progress=progress, merge_kwargs={"device": device}, keep_dir=keep_dir,
                             meta={"kind": "demo", "zoo": str(z.root)})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

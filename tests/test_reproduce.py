@@ -70,3 +70,33 @@ def test_missing_inputs_are_listed_together(inputs, tmp_path, capsys):
     assert "checkpoints folder" in cap.err and "pre-trained CLIP model" in cap.err
     for t in TASK_SETS[8]:
         assert t in cap.err
+
+
+def test_cache_dir_is_reused(inputs, tmp_path):
+    from opcm_ext.evaluation.reproduce import ClipTaskEvaluator
+
+    ck, ds = inputs
+    data = {"mnist": ds / "mnist"}
+    ev = ClipTaskEvaluator(ck / MODEL, data, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    first = ev.test_set("mnist")
+    stamp = (tmp_path / "cache" / "mnist.npy").stat().st_mtime_ns
+    again = ClipTaskEvaluator(ck / MODEL, data, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    second = again.test_set("mnist")
+    assert (tmp_path / "cache" / "mnist.npy").stat().st_mtime_ns == stamp  # read back, not rewritten
+    assert (second.pixels == first.pixels).all() and list(second.labels) == list(first.labels)
+    assert second.classnames == ["0", "1", "2"]
+    acc = again.evaluate(ck / f"{MODEL}_mnist", ["mnist"])["mnist"]
+    assert 0.0 <= acc <= 1.0
+
+
+def test_eval_command_on_dataset_folders(inputs, capsys):
+    ck, ds = inputs
+    rc = main(["eval", str(ck / f"{MODEL}_eurosat"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "eurosat,stanford-cars", "--device", "cpu", "--json", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    acc = json.loads(out)
+    assert set(acc) == {"eurosat", "stanford-cars"} and all(0 <= v <= 1 for v in acc.values())
+    rc = main(["eval", str(ck / f"{MODEL}_eurosat"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "gtsrb", "--no-progress"])
+    assert rc == 2 and "gtsrb" in capsys.readouterr().err

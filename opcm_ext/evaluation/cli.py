@@ -47,6 +47,8 @@ def add_subcommands(sub) -> None:
     d.add_argument("--zoo", default=None, help="a zoo folder rebuilt with python -m opcm_ext.zoo.build (default: shipped)")
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu; the zoo is tiny)")
     d.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: 1; the zoo is small)")
+    d.add_argument("--keep-checkpoints", default=None, metavar="DIR",
+                   help="keep every intermediate merged checkpoint under DIR (default: temporary)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     d.set_defaults(func=_cmd_demo)
 
@@ -107,7 +109,7 @@ def _cmd_demo(a) -> int:
 
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
     run_demo(a.out, orders=a.orders or DEMO_ORDERS, methods=a.methods, seed=a.seed, zoo=a.zoo, tasks=tasks,
-             progress=not a.no_progress, device=a.device, threads=a.threads)
+             progress=not a.no_progress, device=a.device, threads=a.threads, keep_dir=a.keep_checkpoints)
     return 0
 
 
@@ -135,9 +137,14 @@ def _cmd_eval(a) -> int:
             (missing.append(str(root / t)) if d is None else data.__setitem__(t, d))
         if missing:
             raise MissingInputsError("missing dataset folder(s):\n  - " + "\n  - ".join(missing))
-        ev = ClipTaskEvaluator(a.clip_model, data, device=a.device, batch_size=a.batch_size, workers=a.workers,
-                               max_examples=a.max_examples, split=a.split, progress=not a.no_progress)
-        acc = ev.evaluate(ckpt, tasks)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="opcm-eval-") as tmp:  # test sets memmapped, not held in RAM
+            ev = ClipTaskEvaluator(a.clip_model, data, device=a.device, batch_size=a.batch_size, workers=a.workers,
+                                   max_examples=a.max_examples, split=a.split, progress=not a.no_progress,
+                                   cache_dir=tmp)
+            acc = ev.evaluate(ckpt, tasks)
+            del ev
     if a.json:
         print(json.dumps(acc, indent=1))
     else:

@@ -46,7 +46,6 @@ def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors" and not path.name.endswith(".safetensors.index.json"):
             raise CheckpointError(f"{path}: not a .safetensors file or an HF model folder")
-        path = path if path.suffix == ".safetensors" else path
         if path.name.endswith(".index.json"):
             idx = json.loads(path.read_text())
             return [path.parent / f for f in dict.fromkeys(idx["weight_map"].values())]

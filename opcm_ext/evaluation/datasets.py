@@ -237,7 +237,7 @@ class PreprocessedSet:
 
     def batches(self, preprocessor: ClipPreprocessor, batch_size: int):
         for i in range(0, len(self.labels), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(self.pixels[i:i + batch_size]))
+            x = torch.from_numpy(np.array(self.pixels[i:i + batch_size]))  # a writable copy of the slice
             yield preprocessor.normalize(x), torch.from_numpy(np.asarray(self.labels[i:i + batch_size]))
 
 

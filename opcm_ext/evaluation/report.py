@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from opcm_ext.errors import ConfigError, InputError
+from opcm_ext.errors import InputError
 
 __all__ = ["ReportError", "save_report", "load_report", "format_table", "format_final_accuracies"]
 
@@ -100,7 +100,3 @@ def format_final_accuracies(report: dict) -> str:
         lines.append(f"{t:<{w}} " + " ".join(f"{100 * v[t]:{cw}.1f}" if t in v else f"{'-':>{cw}}" for _, v in cols))
     return "\n".join(lines)
 
-
-def check_same_tasks(a, b, what: str) -> None:
-    if list(a) != list(b):
-        raise ConfigError(f"{what}: task lists differ: {list(a)} vs {list(b)}")

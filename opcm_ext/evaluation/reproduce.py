@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from opcm_ext.errors import CheckpointError, ConfigError
@@ -174,14 +175,31 @@ class ClipTaskEvaluator:
         self._builder: ZeroShotHeadBuilder | None = None
 
     def test_set(self, task: str) -> PreprocessedSet:
+        """The task's test set, resized and cropped once (reused from ``cache_dir`` when it matches)."""
         if task not in self._sets:
             ds = open_dataset(self.datasets[task], self.split)
-            cache = None
-            if self.cache_dir is not None:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                cache = self.cache_dir / f"{canonical_task(task)}.npy"
-            self._sets[task] = preprocess(ds, self.pre, cache_file=cache, max_examples=self.max_examples,
-                                          workers=self.workers, progress=self.progress, desc=f"load {task}")
+            if self.cache_dir is None:
+                self._sets[task] = preprocess(ds, self.pre, max_examples=self.max_examples, workers=self.workers,
+                                              progress=self.progress, desc=f"load {task}")
+                return self._sets[task]
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            stem = self.cache_dir / canonical_task(task)
+            key = {"source": ds.source, "examples": len(ds), "max_examples": self.max_examples,
+                   "classnames": ds.classnames, "size": self.pre.size, "crop": list(self.pre.crop),
+                   "resample": self.pre.resample}
+            meta = stem.with_suffix(".json")
+            if meta.exists() and json.loads(meta.read_text()) == key:
+                pixels = np.load(stem.with_suffix(".npy"), mmap_mode="r")
+                labels = np.load(stem.with_suffix(".labels.npy"))
+                self._sets[task] = PreprocessedSet(pixels, labels, ds.classnames, ds.source)
+            else:
+                meta.unlink(missing_ok=True)
+                pset = preprocess(ds, self.pre, cache_file=stem.with_suffix(".npy"), max_examples=self.max_examples,
+                                  workers=self.workers, progress=self.progress, desc=f"load {task}")
+                np.save(stem.with_suffix(".labels.npy"), pset.labels)
+                pset.pixels.flush()
+                meta.write_text(json.dumps(key))
+                self._sets[task] = pset
         return self._sets[task]
 
     def head(self, task: str) -> torch.Tensor:
@@ -214,10 +232,13 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
 
     names = resolve_tasks(tasks)
     clip_dir, models, data = find_inputs(checkpoints, datasets, names, model_name=model_name, base=base, split=split)
-    evaluator = ClipTaskEvaluator(clip_dir, data, device=device, batch_size=batch_size, workers=workers,
-                                  max_examples=max_examples, cache_dir=cache_dir, split=split, progress=progress)
-    evaluator.prepare(names)
     with tempfile.TemporaryDirectory(prefix="opcm-reproduce-", dir=work_dir) as tmp:
+        # Preprocessed test sets are memmapped on disk (ViT-B/32's eight test sets are ~13 GB as
+        # uint8 224x224 crops), in the temporary folder unless a cache folder is given.
+        evaluator = ClipTaskEvaluator(clip_dir, data, device=device, batch_size=batch_size, workers=workers,
+                                      max_examples=max_examples, cache_dir=cache_dir or Path(tmp) / "cache",
+                                      split=split, progress=progress)
+        evaluator.prepare(names)
         first = models[names[0]]
         like_cfg = json.loads((first / "config.json").read_text())
         if like_cfg.get("model_type") == "clip":  # fine-tuned full CLIP models: the CLIP model is the base
@@ -229,6 +250,7 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
                                 meta={"kind": "reproduce", "clip_model": str(clip_dir),
                                       "datasets": {t: str(p) for t, p in data.items()},
                                       "max_examples": max_examples})
+        del evaluator
     report["base"] = str(clip_dir)
     return report
 

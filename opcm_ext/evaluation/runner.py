@@ -71,10 +71,10 @@ class _Progress:
         elif enabled is not None and enabled is not False:
             self.bar = enabled  # a caller-supplied tqdm-like object
 
-    def step(self, text: str) -> None:
+    def step(self, text: str, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None and hasattr(self.bar, "close"):
@@ -187,7 +187,7 @@ def run_experiment(base: str | Path, models: Mapping[str, str | Path], evaluator
         }
         if reference:
             pre = evaluator.evaluate(base, tasks)
-            bar.bar.update(len(tasks)) if bar.bar is not None else None
+            bar.step("pre-trained", len(tasks))
             ft = {}
             for t in tasks:
                 ft[t] = float(evaluator.evaluate(models[t], [t])[t])
