@@ -22,6 +22,7 @@ thread count and agree with torch's float64 ``sum`` to ~1e-15 relative.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -49,6 +50,7 @@ __all__ = [
 #: dtype codes understood by the kernels of ``_C`` and ``_cuda``.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EPS32 = torch.finfo(torch.float32).eps
+
 
 # ----------------------------------------------------------------------------- plumbing
 def _use_torch(backend: str | None) -> bool:
@@ -85,6 +87,8 @@ def _cupy_io(fn: Callable[..., Any]) -> Callable[..., Any]:
         return x
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not any(_is_cupy(v) or isinstance(v, (tuple, list)) for v in [*args, *kwargs.values()]):
+            return fn(*args, **kwargs)  # the common case: torch tensors only
         args_in = [conv_in(a) for a in args]
         kwargs_in = {k: conv_in(v) for k, v in kwargs.items()}
         was_cupy = any(
@@ -94,11 +98,7 @@ def _cupy_io(fn: Callable[..., Any]) -> Callable[..., Any]:
         out = fn(*args_in, **kwargs_in)
         return conv_out(out) if was_cupy else out
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__qualname__ = fn.__qualname__
-    wrapper.__doc__ = fn.__doc__
-    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
-    return wrapper
+    return functools.wraps(fn)(wrapper)
 
 
 def _require(cond: bool, op: str, msg: str) -> None:
@@ -238,7 +238,7 @@ def deltas(
         T = new.float() - b
         M = merged.float() - b if merged is not None else None
         ss = _torch_accumulate([_torch_sumsq(M) if M is not None else None, _torch_sumsq(T)], accum, "deltas")
-        return M, T, ss[0], ss[1]  # type: ignore[return-value]
+        return M, T, (ss[0] if merged is not None else None), ss[1]  # type: ignore[return-value]
 
     mod, tail = _kernels(base.device)
     base_c, new_c = base.contiguous(), new.contiguous()

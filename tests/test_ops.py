@@ -102,10 +102,11 @@ def test_deltas_mixed_dtypes(device, dtypes):
     assert_sum_close(st, (new.cpu().double().float() - base.cpu().float()).double().square().sum())
 
 
-def test_deltas_without_merged_leaves_m_sum_untouched(device):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_deltas_without_merged_leaves_m_sum_untouched(device, backend):
     base, new = _rand(100, torch.float16, device, gen_seed=1), _rand(100, torch.float16, device, gen_seed=2)
     acc = torch.tensor([5.0, 1.0], dtype=torch.float64, device=device)
-    M, T, sm, st = ops.deltas(base, None, new, accum=acc)
+    M, T, sm, st = ops.deltas(base, None, new, accum=acc, backend=backend)
     assert M is None and sm is None
     assert float(acc[0]) == 5.0
     assert_sum_close(st, 1.0 + (new.float() - base.float()).double().square().sum())
@@ -282,11 +283,11 @@ def test_ops_argument_errors():
 
 
 def test_backend_from_environment(monkeypatch):
-    calls = []
     monkeypatch.setattr(ops, "_native", None)  # any native call would fail
     monkeypatch.setenv("OPCM_BACKEND", "torch")
-    calls.append(ops.sumsq(torch.ones(5)))
-    assert float(calls[0]) == 5.0
+    assert float(ops.sumsq(torch.ones(5))) == 5.0
+    M, T, _, st = ops.deltas(torch.zeros(4), torch.ones(4), torch.ones(4))
+    assert torch.equal(T, torch.ones(4)) and float(st) == 4.0
 
 
 def test_missing_kernel_raises_backend_error_with_fix(monkeypatch):
