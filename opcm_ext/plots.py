@@ -45,7 +45,7 @@ def plot_accuracy_matrices(report: dict, path: str | Path, *, order_index: int =
     ncols = len(methods) if len(methods) <= 3 else 2
     nrows = -(-len(methods) // ncols)
     side = cell * T + 1.4
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 0.8, (side + 0.3) * nrows + 0.4),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 0.8, (side + 1.1) * nrows + 0.3),
                              squeeze=False, layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[len(methods):]:
