@@ -579,9 +579,10 @@ def project(
 ) -> torch.Tensor:
     """OPCM projection T' of T[B,m,n] against the thin SVD (U, S, V) of M (the spec's cheap exact form).
 
-    With P = U^T T V and r = split_rank(S, alpha): T' = T - U Q V^T where Q keeps P's top-left
-    r x r block and the diagonal entries r <= i < keep; triplets with
-    S <= S[0] * max(m, n) * eps(fp32) are dropped (so M = 0 gives T' = T).
+    Triplets with S <= S[0] * max(m, n) * eps(fp32) are dropped (so M = 0 gives T' = T):
+    keep = how many remain, r = split_rank(S with the dropped values set to 0, alpha).
+    With P = U^T T V: T' = T - U Q V^T where Q keeps P's top-left r x r block and the
+    diagonal entries r <= i < keep.
     """
     for name, x in (("T", T), ("U", U), ("S", S), ("V", V)):
         _check_fp32(x, "project", name)
@@ -596,8 +597,10 @@ def project(
     _require(tuple(V.shape) == (B, n, k), "project", f"V has shape {tuple(V.shape)}, expected {(B, n, k)}")
     for name, x in (("U", U), ("S", S), ("V", V)):
         _require(x.device == T.device, "project", f"{name} is on {x.device} but T is on {T.device}")
-    r = split_rank(S, alpha)
     keep = keep_count(S, m, n)
+    # The split rank counts the dropped triplets as exactly zero (SPEC, "Degenerate cases").
+    S_kept = torch.where(torch.arange(k, device=S.device) < keep[:, None], S, 0.0)
+    r = split_rank(S_kept, alpha)
     if B == 0 or k == 0:
         out = T.clone()
     elif _use_torch(backend):

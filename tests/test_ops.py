@@ -496,6 +496,29 @@ def test_rank_deficient_m_drops_zero_triplets(device):
         assert abs(float((Tp[b].double() * M[b].double()).sum())) < 1e-5 * float(Tp[b].norm() * M[b].norm())
 
 
+def test_split_rank_ignores_dropped_triplets(device):
+    """S = [1, 1, 1, 1, 1e-4] on a 1000x5 weight: the last triplet is below the cut
+    (1000 * eps32 = 1.2e-4), so the split rank for alpha = 0.74999 is 2 (share 0.75), not
+    3 as it would be with 1e-4 counted (3 / 4.0001 < alpha)."""
+    g = torch.Generator().manual_seed(6)
+    Q1, _ = torch.linalg.qr(torch.randn(1000, 5, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    S = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-4], dtype=torch.float64)
+    M = ((Q1 * S) @ Q2.mT).float()[None].to(device)
+    T = torch.randn(1, 1000, 5, generator=g).to(device)
+    U, S, V = ops.thin_svd(M)
+    assert ops.keep_count(S, 1000, 5).tolist() == [4]
+    assert ops.split_rank(S, 0.74999).tolist() == [3]
+    for backend in (None, "torch"):
+        Tp = ops.project(T, U, S, V, 0.74999, backend=backend)[0].double()
+        U4, V4 = U[0, :, :4].double(), V[0, :, :4].double()
+        P = U4.mT @ T[0].double() @ V4
+        Q = torch.diag(torch.diagonal(P))
+        Q[:2, :2] = P[:2, :2]  # r = 2
+        want = T[0].double() - U4 @ Q @ V4.mT
+        assert float((Tp - want).norm() / want.norm()) < PROJ_RTOL
+
+
 def test_project_2d(device):
     M, T = torch.randn(10, 6, device=device), torch.randn(10, 6, device=device)
     U, S, V = ops.thin_svd(M)
