@@ -362,6 +362,16 @@ _svd_pool_size = 0
 _svd_lock = threading.Lock()
 
 
+def _reset_svd_pool_after_fork() -> None:
+    # A forked child has none of the parent's pool threads: start a fresh pool there.
+    global _svd_pool, _svd_pool_size, _svd_lock
+    _svd_pool, _svd_pool_size, _svd_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_svd_pool_after_fork)
+
+
 def _svd_workers(batch: int) -> int:
     env = os.environ.get("OPCM_SVD_WORKERS", "")
     n = int(env) if env.strip() else torch.get_num_threads()

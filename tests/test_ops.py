@@ -14,7 +14,9 @@ Devices come from the ``device`` fixture (CPU, plus CUDA when torch sees a GPU).
 from __future__ import annotations
 
 import math
+import os
 import struct
+import time
 
 import pytest
 import torch
@@ -376,6 +378,29 @@ def test_thin_svd_thread_pool(monkeypatch, workers):
     U, S, V = ops.thin_svd(A)
     check_svd_invariants(A, U, S, V)
     assert torch.get_num_threads() == threads  # the pool restores the caller's setting
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thin_svd_pool_survives_fork():
+    A = torch.randn(4, 20, 12)
+    ops.thin_svd(A)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # child: must not wait forever on the parent's (absent) pool threads
+        try:
+            U, S, V = ops.thin_svd(A)
+            os._exit(0 if bool(torch.isfinite(S).all()) else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("thin_svd hung in a forked child")
 
 
 def test_thin_svd_2d_and_empty(device):
