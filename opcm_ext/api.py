@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import CheckpointReader, OutputTransaction
+from .checkpoint import CheckpointReader, OutputTransaction, recover_output
 from .engine import like_reader, run_step
 from .errors import ConfigError, MergeStateError, OutputError
 from .methods import get_method
@@ -168,6 +168,7 @@ def merge_stream(
         out_p = Path(out)
     budget = parse_size(memory_budget)
     dev = _resolve_device(device)
+    _recover_interrupted(out_p)
 
     for role, p in (("base", base_p), ("new", new_p)):
         if _same_path(out_p, p):
@@ -276,6 +277,30 @@ def merge_stream(
         warnings=result.warnings,
         details={k: v for k, v in result.scalars.items() if _jsonable(v)},
     )
+
+
+def _recover_interrupted(out_p: Path) -> None:
+    """Finish or undo what a killed run into ``out_p`` left behind, before ``out_p`` is read or checked.
+
+    OutputTransaction recovers too, but only after the inputs are read: too late when the kill fell
+    between the two renames of the rename-aside swap (MERGED is then only in ``.NAME.opcm-old-*``
+    and reading it fails), or when the output is complete but still marked and the step is refused
+    before any transaction opens (``-o OUT`` already exists).
+    """
+    try:
+        names = os.listdir(out_p.parent)
+    except OSError:
+        return  # an unusable output folder is reported by the transaction
+    prefix = f".{out_p.name}.opcm-"
+    if any(n.startswith(prefix) for n in names) or (out_p / ".opcm-tmp").is_file():
+        try:
+            notes = recover_output(out_p)  # under the output's lock: refuses while another merge runs
+        except OSError as e:
+            raise OutputError(
+                f"cannot clean up after an earlier interrupted run into {out_p}: {e}; check the folder's permissions"
+            ) from e
+        for note in notes:
+            log.info(note)
 
 
 def _check_unchanged(merged_p: Path, prev: MergeState, new_p: Path) -> None:
