@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
     if name == "errors":
-        from . import errors
+        import importlib
 
-        return errors
+        return importlib.import_module(".errors", __name__)
     raise AttributeError(f"module 'opcm_ext' has no attribute {name!r}")

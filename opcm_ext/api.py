@@ -250,9 +250,7 @@ def merge_stream(
                 classification=classification, groups=groups, tx=tx, device=dev, budget=budget,
                 allow_duplicate=allow_duplicate, progress=progress,
             )
-            if like.is_folder and kind == "folder":
-                tx.copy_aux(like.folder)
-            tx.commit()
+            tx.commit()  # config/tokenizer files were copied by OutputTransaction(like_folder=...)
     finally:
         for r in readers.values():
             r.close()

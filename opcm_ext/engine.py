@@ -131,7 +131,7 @@ def tensor_digest(name: str, t: torch.Tensor) -> bytes:
     h.update(str(t.dtype).encode())
     h.update(repr(tuple(t.shape)).encode())
     if t.numel():
-        h.update(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return h.digest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -78,7 +79,8 @@ def make_family(root: Path, config, cls_name: str, n: int, *, seed: int = 0, sca
         sd = {}
         for k, v in base_sd.items():
             if v.is_floating_point():
-                sd[k] = (v + scale * (v.std() if v.numel() > 1 else 1.0).clamp_min(0.1) * torch.randn(v.shape, generator=g)).contiguous()
+                spread = max(float(v.std()) if v.numel() > 1 else 1.0, 0.1)
+                sd[k] = (v + scale * spread * torch.randn(v.shape, generator=g)).contiguous()
             else:
                 sd[k] = v.clone()
         sds.append(sd)
@@ -133,8 +135,10 @@ def assert_close_dicts(got: dict, want: dict, tol: float) -> None:
 
 
 def run_cli(*args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    # cwd outside the repository: `-m` puts the cwd on sys.path, and the installed package (with its
+    # compiled modules) must be the one imported, not the source folder.
     proc = subprocess.run([sys.executable, "-m", "opcm_ext", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=tempfile.gettempdir())
     if check and proc.returncode != 0:
         raise AssertionError(f"opcm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
     return proc

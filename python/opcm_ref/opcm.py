@@ -51,12 +51,18 @@ def drop_tolerance(S: torch.Tensor, m: int, n: int) -> float:
     return float(S[0]) * max(m, n) * _EPS32
 
 
-def project(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
-    """T' of one projected tensor: SPEC "OPCM step" with the full SVD, in float32."""
+def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """T' of one projected tensor: SPEC "OPCM step" with the full SVD.
+
+    Computed in float64 and returned as float32: a float32 full SVD of a 768x3072
+    matrix is itself only accurate to ~1e-4 relative, too coarse to judge a fast
+    path against at 1e-5, while the float64 one is exact to far below that.
+    ``dtype=torch.float32`` computes it the way FusionBench does (the benchmarks use that).
+    """
     if M.dim() != 2 or M.shape != T.shape:
         raise ValueError(f"project needs two 2-D tensors of one shape, got {tuple(M.shape)} and {tuple(T.shape)}")
-    M = M.float()
-    T = T.float()
+    M = M.to(dtype)
+    T = T.to(dtype)
     m, n = M.shape
     # full SVD `M = U S Vᵀ` (U m×m, V n×n, S descending).
     U, S, Vh = torch.linalg.svd(M, full_matrices=True)
@@ -67,7 +73,7 @@ def project(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
     if q == 0:
         # "a layer whose merged task vector is zero keeps `T' = T`" (exactly:
         # nothing of P would be zeroed, so T' = U Uᵀ T V Vᵀ = T).
-        return T.clone()
+        return T.float()
     # Split rank from the kept singular values, the dropped ones counting as
     # exactly 0 (so r < q whenever alpha < 1).
     S_kept = S.clone()
@@ -82,14 +88,15 @@ def project(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
     # set `P[:r, :r] = 0`.
     P[:r, :r] = 0
     # `T' = U P Vᵀ`.
-    return U @ P @ V.mT
+    return (U @ P @ V.mT).float()
 
 
 class OPCMRef:
     """Stepwise OPCM on whole state dicts; state `t`, `lam`, `norms`, `merged`."""
 
-    def __init__(self, alpha: float = 0.5) -> None:
+    def __init__(self, alpha: float = 0.5, svd_dtype: torch.dtype = torch.float64) -> None:
         alpha = float(alpha)
+        self.svd_dtype = svd_dtype
         if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
@@ -106,11 +113,12 @@ class OPCMRef:
         lam: float,
         norms: Sequence[float],
         alpha: float = 0.5,
+        svd_dtype: torch.dtype = torch.float64,
     ) -> "OPCMRef":
         """Resume from a stored merge state (theta(t), t, lambda(t), n_1..n_t)."""
         if t < 1 or len(norms) != t:
             raise ValueError(f"state needs t >= 1 and t norms, got t={t}, {len(norms)} norms")
-        obj = cls(alpha)
+        obj = cls(alpha, svd_dtype)
         obj.t = int(t)
         obj.lam = float(lam)
         obj.norms = [float(x) for x in norms]
@@ -163,7 +171,7 @@ class OPCMRef:
             if k in projected:
                 # projected tensors: full SVD, P = Uᵀ T V, zero diag and
                 # P[:r, :r], T' = U P Vᵀ.
-                Tp = project(M, T, self.alpha)
+                Tp = project(M, T, self.alpha, self.svd_dtype)
             else:
                 # averaged tensors: `T' = T`.
                 Tp = T

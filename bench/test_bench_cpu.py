@@ -1,0 +1,152 @@
+"""CPU benchmarks on ViT-B/32-shaped checkpoints (88M parameters, fp32, in the page cache).
+
+Run with:  pytest bench -m benchmark -p no:randomly --benchmark-columns=min,mean,max,rounds
+Each step benchmark also runs the step once in a fresh process to measure its peak memory
+(ru_maxrss minus the RSS before the step), stored in the benchmark's extra_info.
+Record the figures in bench/RESULTS.md (machine, date, ratios from one run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "python"))
+
+pytestmark = pytest.mark.benchmark
+
+CACHE = Path(os.environ.get("OPCM_BENCH_CACHE", "/tmp/opcm-bench-cache"))
+
+
+def _family() -> dict[str, Path]:
+    """base, task1, task2 with ViT-B/32 vision shapes, plus step-1 merges for OPCM and TIES (cached)."""
+    import opcm_ext
+    from helpers import make_family, vit_b32_config
+
+    root = CACHE / "vit_b32"
+    done = root / "ready"
+    if not done.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        make_family(root, vit_b32_config(), "CLIPVisionModel", 2, seed=42)
+        opcm_ext.merge_stream(root / "base", None, root / "task1", root / "merged_opcm", overwrite=True)
+        opcm_ext.merge_stream(root / "base", None, root / "task1", root / "merged_ties", method="ties", overwrite=True)
+        done.write_text("ok")
+    return {n: root / n for n in ("base", "task1", "task2", "merged_opcm", "merged_ties")}
+
+
+@pytest.fixture(scope="module")
+def family():
+    return _family()
+
+
+def _measure(mode: str, f: dict, out: Path, budget: str = "1GiB") -> dict:
+    merged = f["merged_ties"] if mode == "ties" else f["merged_opcm"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "measure.py"), mode, str(f["base"]), str(merged), str(f["task2"]),
+         str(out), "--budget", budget],
+        capture_output=True, text=True, check=True, cwd=str(REPO),
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def test_step_reference(benchmark, family, tmp_path):
+    """FusionBench-style: load three whole models, full SVD per layer, save."""
+    out = tmp_path / "ref"
+    mem = _measure("reference", family, out)
+    benchmark.extra_info.update(peak_above_baseline_mib=_mib(mem["peak_above_baseline"]), subprocess_wall_s=mem["wall_s"])
+    benchmark.pedantic(lambda: _measure_inprocess("reference", family, out), rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("budget", ["256MiB", "1GiB"])
+def test_step_stream(benchmark, family, tmp_path, budget):
+    out = tmp_path / "stream"
+    mem = _measure("stream", family, out, budget)
+    benchmark.extra_info.update(budget=budget, peak_above_baseline_mib=_mib(mem["peak_above_baseline"]),
+                                subprocess_wall_s=mem["wall_s"], timings=mem["timings"])
+    benchmark.pedantic(lambda: _measure_inprocess("stream", family, out, budget), rounds=2, iterations=1)
+
+
+def test_step_ties(benchmark, family, tmp_path):
+    out = tmp_path / "ties"
+    mem = _measure("ties", family, out, "512MiB")
+    benchmark.extra_info.update(budget="512MiB", peak_above_baseline_mib=_mib(mem["peak_above_baseline"]),
+                                subprocess_wall_s=mem["wall_s"], timings=mem["timings"])
+    benchmark.pedantic(lambda: _measure_inprocess("ties", family, out, "512MiB"), rounds=1, iterations=1)
+
+
+def _measure_inprocess(mode, f, out, budget="1GiB"):
+    import measure
+
+    merged = f["merged_ties"] if mode == "ties" else f["merged_opcm"]
+    return measure.main([mode, str(f["base"]), str(merged), str(f["task2"]), str(out), "--budget", budget])
+
+
+def _vit_b32_weights():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12
+    return [torch.randn(s, generator=g) * 0.02 for s in shapes]
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return _vit_b32_weights()
+
+
+def _grouped(ws):
+    groups: dict[tuple, list] = {}
+    for w in ws:
+        groups.setdefault(tuple(w.shape), []).append(w)
+    return [torch.stack(v) for v in groups.values()]
+
+
+def test_svd_thin_ops(benchmark, weights):
+    """The product's SVD phase: ops.thin_svd on same-shape batches of the 72 ViT-B/32 linear weights."""
+    from opcm_ext import ops
+
+    batches = _grouped(weights)
+    benchmark.pedantic(lambda: [ops.thin_svd(b) for b in batches], rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full-loop", "thin-loop"])
+def test_svd_torch_loop(benchmark, weights, full):
+    """FusionBench's way: torch.linalg.svd per matrix (full U and V), or the thin SVD per matrix."""
+    benchmark.pedantic(lambda: [torch.linalg.svd(w, full_matrices=full) for w in weights], rounds=1, iterations=1)
+
+
+def test_projection_full_reference(benchmark, weights):
+    """The reference's projection (full SVD, m x m U) of all 72 weights, for the ratio to the thin form."""
+    import opcm_ref
+
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(w.shape, generator=g) * 0.02 for w in weights]
+    benchmark.pedantic(lambda: [opcm_ref.project(w, t, 0.5, torch.float32) for w, t in zip(weights, ts)],
+                       rounds=1, iterations=1)
+
+
+def test_projection_thin_ops(benchmark, weights):
+    """The product's thin form: batched thin SVD + masked projection of all 72 weights."""
+    from opcm_ext import ops
+
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(w.shape, generator=g) * 0.02 for w in weights]
+    batches = _grouped(weights)
+    tbatches = _grouped(ts)
+
+    def run():
+        for M, T in zip(batches, tbatches):
+            U, S, V = ops.thin_svd(M)
+            ops.project(T, U, S, V, 0.5)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
