@@ -36,7 +36,7 @@ from .errors import (
     NonFiniteError,
     OpcmError,
 )
-from .methods.base import Method, Pass
+from .methods.base import Method
 from .plan import Classification, Group, Kind
 from .state import MergeState
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -142,3 +145,23 @@ def run_cli(*args: str, check: bool = True, env=None) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"opcm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr}")
     return proc
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden ones too): byte identity of a checkpoint."""
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+_TEMP = re.compile(r"\.opcm-(tmp|old|scratch)")
+
+
+def temporaries(folder: Path) -> list[str]:
+    """Our temporaries beside ``folder`` or inside it (the lock file is not one)."""
+    found = [n for n in os.listdir(folder.parent) if _TEMP.search(n)]
+    if folder.is_dir():
+        found += [f"{folder.name}/{n}" for n in os.listdir(folder) if _TEMP.search(n)]
+    return sorted(found)

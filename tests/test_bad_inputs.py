@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 import opcm_ext
 import opcm_ext.errors as errors  # (`from opcm_ext import errors` recurses in the lazy __getattr__)
-from helpers import make_family, tiny_clip_vision_config
+from helpers import make_family, snapshot, temporaries, tiny_clip_vision_config
 from test_crash import Zygote  # the fork server that runs `opcm` without paying its imports each time
 
 # ----------------------------------------------------------------------------------------------
@@ -75,26 +74,6 @@ class Fam:
 
     def st(self, name: str) -> Path:
         return self.root / name / "model.safetensors"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (hidden ones too): byte identity of a checkpoint."""
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
-_TEMP = re.compile(r"\.opcm-(tmp|old|scratch)")
-
-
-def temporaries(folder: Path) -> list[str]:
-    """Our temporaries beside ``folder`` or inside it (the lock file is not one)."""
-    found = [n for n in os.listdir(folder.parent) if _TEMP.search(n)]
-    if folder.is_dir():
-        found += [f"{folder.name}/{n}" for n in os.listdir(folder) if _TEMP.search(n)]
-    return sorted(found)
 
 
 # ----------------------------------------------------------------------------------------------

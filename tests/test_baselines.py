@@ -6,7 +6,6 @@ torch.kthvalue on the concatenated rows exactly.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

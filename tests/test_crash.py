@@ -31,7 +31,6 @@ test_bad_inputs.py and test_disk_full.py use the same zygote for their CLI runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,7 +45,8 @@ from pathlib import Path
 import pytest
 
 import opcm_ext
-from helpers import make_family, tiny_clip_vision_config
+from helpers import make_family, snapshot, tiny_clip_vision_config
+from helpers import temporaries as leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -186,26 +186,6 @@ def zygote():
 # ----------------------------------------------------------------------------------------------
 # the family and what an uninterrupted step gives
 # ----------------------------------------------------------------------------------------------
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (hidden ones too)."""
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
-_TEMP = re.compile(r"\.opcm-(tmp|old|scratch)")
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Our temporaries beside ``folder`` or inside it (the lock file is not one)."""
-    found = [n for n in os.listdir(folder.parent) if _TEMP.search(n)]
-    if folder.is_dir():
-        found += [f"{folder.name}/{n}" for n in os.listdir(folder) if _TEMP.search(n)]
-    return sorted(found)
 
 
 @dataclass

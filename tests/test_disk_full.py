@@ -14,7 +14,6 @@ After each failure, freeing the space and rerunning gives exactly the uninterrup
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import pytest
 
 import opcm_ext
 import opcm_ext.errors as errors  # (`from opcm_ext import errors` recurses in the lazy __getattr__)
-from helpers import load_folder, make_family, tiny_clip_vision_config
+from helpers import load_folder, make_family, snapshot, temporaries, tiny_clip_vision_config
 from test_crash import Zygote  # the fork server that runs `opcm` without paying its imports each time
 
 DISK_FULL = r"disk full while writing .*: No space left on device; nothing was changed \(.*merged is as before"
@@ -51,20 +50,6 @@ def family(request, tmp_path_factory) -> dict:
         "scratch": sum(4 * t.numel() for t in tensors.values() if t.is_floating_point()),
         "output": sum((root / "want" / n).stat().st_size for n in shards),
     }
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
-def temporaries(folder: Path) -> list[str]:
-    pat = re.compile(r"\.opcm-(tmp|old|scratch)")
-    return sorted([n for n in os.listdir(folder.parent) if pat.search(n)]
-                  + [f"{folder.name}/{n}" for n in os.listdir(folder) if pat.search(n)])
 
 
 def fresh_merged(family: dict, where: Path) -> Path:

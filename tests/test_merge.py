@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +146,6 @@ def test_orthogonal_task_vectors_scale_like_sqrt_t(tmp_path):
     save_hf(tmp_path / "base", model, base)
     for t in range(4):
         sd = {k: v.clone() for k, v in base.items()}
-        total = 0.0
         for k in sorted(proj):
             rows = sd[k].shape[0] // 4
             delta = torch.zeros_like(sd[k])

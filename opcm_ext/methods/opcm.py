@@ -32,7 +32,7 @@ class OPCM(Method):
         n = math.prod(shape)
         c = n * (itemsize_sum + 5 * 4)  # inputs + M, T, T', U Q Vᵀ, stacked copy (fp32)
         if kind is Kind.PROJECTED:
-            m, k = shape[0], min(shape)
+            k = min(shape)
             c += 4 * (shape[0] * k + shape[1] * k + 4 * k * k + n)  # U, V, P, Q, SVD's own copy of M
         return c
 
