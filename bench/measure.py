@@ -1,8 +1,11 @@
 """Run one merge step in a fresh process and report its wall time and peak memory.
 
-Peak memory is the process's ru_maxrss minus its RSS just before the step
-(after torch, transformers and opcm_ext are imported): what the step itself
-held. Usage (the benchmarks call it; it also works by hand):
+Peak memory is the process's peak RSS during the step minus its RSS just before
+the step (after torch, transformers and opcm_ext are imported): what the step
+itself held. The peak is the kernel's VmHWM, reset to the current RSS right
+before the step (``/proc/self/clear_refs``); ru_maxrss is not used because Linux
+carries it over ``exec`` from the parent process (a child of a big pytest
+process would report the parent's size). Usage (the benchmarks call it; it also works by hand):
 
     python bench/measure.py stream|reference|ties BASE MERGED NEW OUT [--budget 1GiB] [--device cpu]
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,23 @@ def _rss() -> int:
         import os
 
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main(argv=None) -> dict:
@@ -51,6 +70,11 @@ def main(argv=None) -> dict:
         from opcm_ext.plan import classify
 
         state = opcm_ext.read_state(a.merged)
+    import gc
+
+    gc.collect()
+    if not _reset_peak():
+        raise SystemExit("measure.py needs Linux >= 4.0 (/proc/self/clear_refs) to measure the peak RSS")
     baseline = _rss()
     t0 = time.perf_counter()
     if a.mode == "reference":
@@ -72,7 +96,7 @@ def main(argv=None) -> dict:
                                     device=a.device, overwrite=True)
         extra = {"timings": rep.timings, "groups": rep.groups, "sampled_peak_above_baseline": rep.peak_above_baseline_bytes}
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak()
     result = {"mode": a.mode, "wall_s": wall, "baseline_rss": baseline, "peak_rss": peak,
               "peak_above_baseline": max(0, peak - baseline), **extra}
     print(json.dumps(result))

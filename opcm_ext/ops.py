@@ -378,6 +378,21 @@ def _svd_workers(batch: int) -> int:
     return max(1, min(n, batch))
 
 
+def _gram_block_rows(k: int) -> int:
+    """Rows per float64 block when forming X^T X and X W: about 4 MiB of float64 per block."""
+    return max(64, (4 << 20) // (8 * max(k, 1)))
+
+
+def svd_workspace_bytes(m: int, n: int) -> int:
+    """Host bytes one CPU thin_svd worker holds beyond its inputs and outputs for an m x n matrix.
+
+    X W in float64 (max(m, n) x k), the Gram matrix, its eigenvectors and eigh's workspace
+    (a few k x k in float64) and one float64 row block; k = min(m, n).
+    """
+    L, k = max(m, n), min(m, n)
+    return 8 * (L * k + 5 * k * k) + 2 * 8 * _gram_block_rows(k) * k
+
+
 def _gram_eigh_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, V) of one fp32 matrix from the float64 Gram matrix of its small side.
 
@@ -388,13 +403,27 @@ def _gram_eigh_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     so every triplet it keeps is exact to float32. A column with S_i == 0 is zero.
     """
     wide = a.shape[-2] < a.shape[-1]
-    x = (a.mT if wide else a).to(torch.float64)
-    _, w = torch.linalg.eigh(x.mT @ x)
-    xw = x @ w
+    x = a.mT if wide else a  # [L, k], L >= k, float32
+    L, k = x.shape
+    # G = X^T X in float64, accumulated over row blocks so that no float64 copy of X
+    # exists: the float64 working set of one matrix is X W (L x k) plus a few k x k.
+    rows = _gram_block_rows(k)
+    g = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(0, L, rows):
+        blk = x[i:i + rows].to(torch.float64)
+        g.addmm_(blk.mT, blk)
+        del blk
+    _, w = torch.linalg.eigh(g)
+    del g
+    w = w.flip(-1)  # eigenvalues descending, so the norms below are (almost always) sorted already
+    xw = torch.empty(L, k, dtype=torch.float64)
+    for i in range(0, L, rows):
+        torch.mm(x[i:i + rows].to(torch.float64), w, out=xw[i:i + rows])
     s = torch.linalg.vector_norm(xw, dim=0)
     s, order = torch.sort(s, descending=True, stable=True)
-    w, xw = w[:, order], xw[:, order]
-    big = xw / torch.where(s > 0, s, 1.0)
+    if not bool((order == torch.arange(k)).all()):
+        w, xw = w[:, order], xw[:, order]
+    big = xw.div_(torch.where(s > 0, s, 1.0))
     big[:, s == 0] = 0.0
     # The kept big-side columns lose orthogonality ~eps64 * S_1^2 / (S_i * S_j), at most
     # ~1.6e-2 / L^2 (L = max(m, n)): below float32 rounding from L ~ 512 on. For smaller

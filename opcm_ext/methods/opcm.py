@@ -34,6 +34,7 @@ class OPCM(Method):
         if kind is Kind.PROJECTED:
             k = min(shape)
             c += 4 * (shape[0] * k + shape[1] * k + 4 * k * k + n)  # U, V, P, Q, SVD's own copy of M
+            c += ops.svd_workspace_bytes(shape[0], shape[1])  # float64 work of one SVD worker
         return c
 
     def process(self, p, group, tensors, ctx):
