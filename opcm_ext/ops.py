@@ -390,7 +390,7 @@ def svd_workspace_bytes(m: int, n: int) -> int:
     (a few k x k in float64) and one float64 row block; k = min(m, n).
     """
     L, k = max(m, n), min(m, n)
-    return 8 * (L * k + 5 * k * k) + 2 * 8 * _gram_block_rows(k) * k
+    return 8 * (L * k + 5 * k * k) + 2 * 8 * min(L, _gram_block_rows(k)) * k
 
 
 def _gram_eigh_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
