@@ -150,3 +150,31 @@ def test_projection_thin_ops(benchmark, weights):
             ops.project(T, U, S, V, 0.5)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
+
+
+_N = 87_849_216  # ViT-B/32 vision parameters, fp32
+
+
+@pytest.fixture(scope="module")
+def flat():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(_N, generator=g)
+    return base, base + 0.01 * torch.randn(_N, generator=g), base + 0.01 * torch.randn(_N, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("op", ["deltas", "sigma_update", "sumsq", "finalize"])
+def test_elementwise(benchmark, flat, op, backend):
+    """The fused elementwise passes over a whole ViT-B/32 (88M fp32): the C++/OpenMP kernels vs their torch twins."""
+    from opcm_ext import ops
+
+    be = None if backend == "native" else "torch"
+    base, merged, new = flat
+    M, T = merged - base, new - base
+    calls = {
+        "deltas": lambda: ops.deltas(base, merged, new, backend=be),
+        "sigma_update": lambda: ops.sigma_update(M, T, 1.4, backend=be),
+        "sumsq": lambda: ops.sumsq(M, backend=be),
+        "finalize": lambda: ops.finalize(base, M, 1.7, torch.float32, backend=be),
+    }
+    benchmark.pedantic(calls[op], rounds=3, iterations=1, warmup_rounds=1)

@@ -46,7 +46,8 @@ def add_subcommands(sub) -> None:
     d.add_argument("--tasks", default=None, help="comma list of zoo tasks (default: all)")
     d.add_argument("--zoo", default=None, help="a zoo folder rebuilt with python -m opcm_ext.zoo.build (default: shipped)")
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu; the zoo is tiny)")
-    d.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: 1; the zoo is small)")
+    d.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (default: the cores idle now, from the load average)")
     d.add_argument("--keep-checkpoints", default=None, metavar="DIR",
                    help="keep every intermediate merged checkpoint under DIR (default: temporary)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -109,7 +110,7 @@ def _cmd_demo(a) -> int:
 
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
     run_demo(a.out, orders=a.orders or DEMO_ORDERS, methods=a.methods, seed=a.seed, zoo=a.zoo, tasks=tasks,
-             progress=not a.no_progress, device=a.device, threads=a.threads, keep_dir=a.keep_checkpoints)
+             progress=not a.no_progress, device=a.device, threads=a.threads or "idle", keep_dir=a.keep_checkpoints)
     return 0
 
 
