@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` (unlike `pytest`) puts the checkout on sys.path, where `import opcm_ext`
+# would find the source folder without its compiled modules. Unless this is an editable
+# install (the modules are built into the checkout), test the installed package.
+if "opcm_ext" not in sys.modules and not any((_REPO / "opcm_ext").glob("_C*.so")):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
