@@ -247,6 +247,15 @@ def _max_rel_err(a_dir: Path, b_dir: Path) -> tuple[float, str | None]:
 
 
 # ----------------------------------------------------------------------------- I/O floor
+
+def _fresh_round(out: Path, runs: list) -> None:
+    """Before a timed round: remove the last output, settle the GPU, restart the peak counter."""
+    shutil.rmtree(out, ignore_errors=True)  # every round writes a fresh output
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    runs.append({"start_alloc": torch.cuda.memory_allocated()})
+
 def test_io_baseline(benchmark, family, tmp_path):
     """Pure I/O: read base, merged and new tensor by tensor, copy each to the GPU, write one output (fsync'd)."""
     benchmark.group = f"{family.name}:io"
@@ -283,11 +292,7 @@ def test_step_stream(benchmark, family, tmp_path):
     runs: list[dict[str, Any]] = []
 
     def setup():
-        shutil.rmtree(out, ignore_errors=True)  # every round writes a fresh output
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        runs.append({"start_alloc": torch.cuda.memory_allocated()})
+        _fresh_round(out, runs)
 
     def run():
         r = runs[-1]
@@ -369,11 +374,7 @@ def test_step_reference(benchmark, family, tmp_path):
     runs: list[dict[str, Any]] = []
 
     def setup():
-        shutil.rmtree(out, ignore_errors=True)
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        runs.append({"start_alloc": torch.cuda.memory_allocated()})
+        _fresh_round(out, runs)
 
     def run():
         r = runs[-1]
