@@ -6,7 +6,9 @@ torch.kthvalue on the concatenated rows exactly.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -63,10 +65,15 @@ def test_api_matches_reference(family, tmp_path, method):
 @pytest.mark.parametrize("method", sorted(REFS))
 def test_cli_matches_reference(family, tmp_path, method):
     paths, _ = family
-    run_cli("merge", paths[0], *paths[1:5], "-o", tmp_path / "m", "--method", method, "--no-progress")
-    assert_close_dicts(load_folder(tmp_path / "m"), _reference(method, paths[:5]), TOL)
+    run_cli("merge", paths[0], *paths[1:], "-o", tmp_path / "m", "--method", method, "--no-progress")
+    assert_close_dicts(load_folder(tmp_path / "m"), _reference(method, paths), TOL)
     info = run_cli("info", tmp_path / "m").stdout
     assert f"method: {method}" in info
+    params = {"task_arithmetic": {"lam": 0.3}, "ties": {"lam": 0.5, "keep": 0.2}, "average": {}}[method]
+    for name, value in params.items():
+        assert re.search(rf"\b{name}\b\W+{value}", info), info
+    state = json.loads(run_cli("info", tmp_path / "m", "--json").stdout)["state"]
+    assert state["method"] == method and state["params"] == params and state["step"] == 8
 
 
 def test_ties_threshold_is_kthvalue_exactly_with_ties(tmp_path):
