@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from opcm_ext.checkpoint import CheckpointReader, SafetensorsWriter
+from opcm_ext.checkpoint import CheckpointReader, SafetensorsWriter, _fsync_path
 
 __all__ = ["io_time", "warm_page_cache"]
 
@@ -53,14 +53,6 @@ def warm_page_cache(*checkpoints: str | os.PathLike[str] | None) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def io_time(
@@ -130,7 +122,7 @@ def io_time(
                         del d
             t0 = time.perf_counter()
             writer.close()  # fsyncs every shard (and writes the index when sharded)
-            _fsync_dir(out_dir)
+            _fsync_path(out_dir, directory=True)
             t_write += time.perf_counter() - t0
         except BaseException:
             writer.abort()

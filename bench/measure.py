@@ -21,30 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        import os
-
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["stream", "reference", "ties"])
@@ -61,6 +37,7 @@ def main(argv=None) -> dict:
 
     import opcm_ext
     import opcm_ext.ops  # noqa: F401  (load the native module before the baseline is taken)
+    from opcm_ext.engine import _peak_rss, _reset_peak_rss, _rss
 
     if a.mode == "reference":
         sys.path.insert(0, str(REPO / "python"))
@@ -73,7 +50,7 @@ def main(argv=None) -> dict:
     import gc
 
     gc.collect()
-    if not _reset_peak():
+    if not _reset_peak_rss():
         raise SystemExit("measure.py needs Linux >= 4.0 (/proc/self/clear_refs) to measure the peak RSS")
     baseline = _rss()
     t0 = time.perf_counter()
@@ -96,7 +73,7 @@ def main(argv=None) -> dict:
                                     device=a.device, overwrite=True)
         extra = {"timings": rep.timings, "groups": rep.groups, "sampled_peak_above_baseline": rep.peak_above_baseline_bytes}
     wall = time.perf_counter() - t0
-    peak = _peak()
+    peak = _peak_rss()
     result = {"mode": a.mode, "wall_s": wall, "baseline_rss": baseline, "peak_rss": peak,
               "peak_above_baseline": max(0, peak - baseline), **extra}
     print(json.dumps(result))

@@ -94,6 +94,7 @@ pytestmark = [
 ]
 
 from io_baseline import io_time, warm_page_cache  # noqa: E402
+from opcm_ext.checkpoint import _fsync_path  # noqa: E402
 
 CACHE = Path(os.environ.get("OPCM_BENCH_CACHE", "/tmp/opcm-bench-cache"))
 MiB = 2**20
@@ -202,14 +203,6 @@ def _say(model: str, what: str, text: str) -> None:
 
 def _ok(flag: bool) -> str:
     return "ok" if flag else "MISSED"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _measured(runs: list, warmup: int) -> list:
@@ -390,7 +383,7 @@ def test_step_reference(benchmark, family, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         path = out / "model.safetensors"
         save_file({k: v.cpu() for k, v in result.items()}, str(path), metadata={"format": "pt"})
-        _fsync(path)
+        _fsync_path(path)
         r["wall_s"] = time.perf_counter() - t0
         r["peak_alloc"] = torch.cuda.max_memory_allocated() - r["start_alloc"]
         r["lam"] = ref.lam

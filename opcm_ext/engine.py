@@ -154,19 +154,22 @@ class RssSampler:
         self.baseline = _rss()
         self.peak = self.baseline
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="opcm-rss", daemon=True)
+        # Polling is only the fallback: with VmHWM the kernel tracks the peak exactly, for free.
+        self._thread = None if self._hwm else threading.Thread(target=self._run, name="opcm-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, _rss())
 
     def __enter__(self) -> "RssSampler":
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.peak = max(self.peak, _rss())
         hwm = _peak_rss() if self._hwm else None
         if hwm is not None:
