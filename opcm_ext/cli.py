@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
 
 
-def _merge_options(p: argparse.ArgumentParser) -> None:
+def _merge_options(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     g = p.add_argument_group("merge options")
     g.add_argument("--method", default=None, help="opcm (default), task_arithmetic, ties or average; "
                    "a continued merge defaults to the method recorded in MERGED")
@@ -45,8 +45,9 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-duplicate", action="store_true", help="allow merging a model that is already merged")
     g.add_argument("--allow-param-change", action="store_true",
                    help="allow continuing a merge with another method or other parameters")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    g.add_argument("--json", action="store_true", help="print the report(s) as JSON on stdout")
+    if outputs:  # `opcm watch` always continues its OUT and logs JSON lines
+        g.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        g.add_argument("--json", action="store_true", help="print the report(s) as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
@@ -88,6 +89,12 @@ def _cmd_step(a: argparse.Namespace) -> int:
     report = merge_stream(a.base, a.merged, a.new, a.out, overwrite=a.overwrite, **_options(a))
     _print_reports([report], a.json)
     return EXIT_OK
+
+
+def _cmd_watch(a: argparse.Namespace) -> int:
+    from .watch import main as watch_main
+
+    return watch_main(a, _options(a))
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
@@ -160,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", default=None, help="output (default: replace MERGED atomically)")
     _merge_options(s)
     s.set_defaults(func=_cmd_step)
+
+    w = sub.add_parser("watch", help="merge each checkpoint that appears in INBOX, in arrival order")
+    from .watch import add_arguments as _watch_arguments
+
+    _watch_arguments(w)
+    _merge_options(w, outputs=False)
+    w.set_defaults(func=_cmd_watch)
 
     i = sub.add_parser("info", help="show a checkpoint's merge state and provenance")
     i.add_argument("checkpoint")
