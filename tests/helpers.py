@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -165,3 +166,35 @@ def temporaries(folder: Path) -> list[str]:
     if folder.is_dir():
         found += [f"{folder.name}/{n}" for n in os.listdir(folder) if _TEMP.search(n)]
     return sorted(found)
+
+
+# -- safetensors test data (tests of opcm_ext.io) ----------------------------------------------------
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor (every dtype, 0-d and empty tensors too)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN payloads included)."""
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(raw_bytes(a), raw_bytes(b))
+
+
+def bytes_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A tensor of ``dtype`` whose bytes are random (any bit pattern, NaNs included)."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+
+def write_shards(folder: Path, shards: dict[str, dict[str, torch.Tensor]], metadata=None):
+    """Write {shard file: {name: tensor}} with opcm_ext's SafetensorsWriter (an index when several shards)."""
+    from opcm_ext.io import SafetensorsWriter
+
+    layout = [(f, [(k, t.dtype, tuple(t.shape)) for k, t in ts.items()]) for f, ts in shards.items()]
+    with SafetensorsWriter(folder, layout, metadata) as w:
+        for ts in shards.values():
+            for k, t in ts.items():
+                w.write(k, t)
+    return w
