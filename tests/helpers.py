@@ -188,6 +188,19 @@ def bytes_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> t
     return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
 
 
+def all_dtype_tensors() -> dict[str, torch.Tensor]:
+    """For every safetensors dtype this torch has: a 3x5 matrix, a 0-d scalar and an empty tensor."""
+    from opcm_ext.io import DTYPES
+
+    ts = {}
+    for i, (code, dt) in enumerate(sorted(DTYPES.items())):
+        ts[f"t.{code}.mat"] = bytes_tensor(dt, (3, 5), seed=i)
+        ts[f"t.{code}.scalar"] = bytes_tensor(dt, (), seed=100 + i)
+        ts[f"t.{code}.empty"] = torch.empty((0, 4), dtype=dt)
+    ts["t.BOOL.mat"] = torch.arange(15).reshape(3, 5) % 3 == 0  # real booleans, not random bytes
+    return ts
+
+
 def write_shards(folder: Path, shards: dict[str, dict[str, torch.Tensor]], metadata=None):
     """Write {shard file: {name: tensor}} with opcm_ext's SafetensorsWriter (an index when several shards)."""
     from opcm_ext.io import SafetensorsWriter
