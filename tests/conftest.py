@@ -30,6 +30,13 @@ def available_devices() -> list[str]:
     return devs
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache(tmp_path_factory) -> None:
+    """Model-hash caches of the test run (and of the `opcm` processes it starts) stay out of ~/.cache."""
+    if "OPCM_CACHE_DIR" not in os.environ:
+        os.environ["OPCM_CACHE_DIR"] = str(tmp_path_factory.mktemp("opcm-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)
