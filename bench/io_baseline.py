@@ -1,7 +1,7 @@
 """The pure-I/O floor of one merge step: read the inputs, move them to the device, write one output.
 
 ``io_time(base, merged, new, out_dir, device)`` reads every tensor of the three input
-checkpoints with ``opcm_ext.checkpoint.CheckpointReader`` (one tensor at a time, as the
+checkpoints with ``opcm_ext.io.CheckpointReader`` (one tensor at a time, as the
 engine does), copies each to ``device``, and writes an output with the layout of the
 checkpoint a step would mirror (``merged``, else ``base``) through the package's
 ``SafetensorsWriter`` (fsync'd on close, like a committed step). No arithmetic: a merge
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from opcm_ext.checkpoint import CheckpointReader, SafetensorsWriter, _fsync_path
+from opcm_ext.io import CheckpointReader, SafetensorsWriter, fsync_path
 
 __all__ = ["io_time", "warm_page_cache"]
 
@@ -122,7 +122,7 @@ def io_time(
                         del d
             t0 = time.perf_counter()
             writer.close()  # fsyncs every shard (and writes the index when sharded)
-            _fsync_path(out_dir, directory=True)
+            fsync_path(out_dir, directory=True)
             t_write += time.perf_counter() - t0
         except BaseException:
             writer.abort()

@@ -94,7 +94,7 @@ pytestmark = [
 ]
 
 from io_baseline import io_time, warm_page_cache  # noqa: E402
-from opcm_ext.checkpoint import _fsync_path  # noqa: E402
+from opcm_ext.io import fsync_path  # noqa: E402
 
 CACHE = Path(os.environ.get("OPCM_BENCH_CACHE", "/tmp/opcm-bench-cache"))
 MiB = 2**20
@@ -383,7 +383,7 @@ def test_step_reference(benchmark, family, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         path = out / "model.safetensors"
         save_file({k: v.cpu() for k, v in result.items()}, str(path), metadata={"format": "pt"})
-        _fsync_path(path)
+        fsync_path(path)
         r["wall_s"] = time.perf_counter() - t0
         r["peak_alloc"] = torch.cuda.max_memory_allocated() - r["start_alloc"]
         r["lam"] = ref.lam
@@ -430,7 +430,7 @@ def test_step_reference(benchmark, family, tmp_path):
 @pytest.fixture(scope="module")
 def svd_batches(family) -> list[torch.Tensor]:
     """M = merged - base of the projected weights, fp32 on the CPU, stacked [B, m, n] per shape."""
-    from opcm_ext.checkpoint import CheckpointReader
+    from opcm_ext.io import CheckpointReader
     from opcm_ext.plan import Kind, classify
 
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}

@@ -599,12 +599,12 @@ def test_merge_finishing_while_another_starts_is_not_lost(pristine, tmp_path, mo
     The lock alone only serialises the writes; without a second look under the lock the second
     merge would write step 3 from the stale step-2 state and silently drop the first one's model.
     """
-    from opcm_ext import checkpoint
+    from opcm_ext.io import OutputTransaction
 
     fam = Fam(pristine, tmp_path / "f")
     shutil.copytree(fam.task3, fam.root / "task4")
     rewrite(fam.st("task4"), _poison(0.5))  # another fine-tune (different content)
-    open_lock = checkpoint.OutputTransaction.open
+    open_lock = OutputTransaction.open
     first: list = []
 
     def other_merge_commits_first(self):
@@ -613,7 +613,7 @@ def test_merge_finishing_while_another_starts_is_not_lost(pristine, tmp_path, mo
             first[0] = opcm_ext.merge_stream(fam.base, fam.merged, fam.task3)
         return open_lock(self)
 
-    monkeypatch.setattr(checkpoint.OutputTransaction, "open", other_merge_commits_first)
+    monkeypatch.setattr(OutputTransaction, "open", other_merge_commits_first)
     after_first = None
     with pytest.raises(errors.OutputError, match=r"another merge into .*merged finished while this one was starting"):
         try:

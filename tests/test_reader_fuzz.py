@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from opcm_ext.checkpoint import DTYPES, CheckpointReader
 from opcm_ext.errors import CheckpointError
+from opcm_ext.io import DTYPES, CheckpointReader
 
 BASE_TENSORS = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

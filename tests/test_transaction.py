@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import opcm_ext.checkpoint as ck
+import opcm_ext.io.transaction as transaction
 from opcm_ext import _faults
-from opcm_ext.checkpoint import CheckpointReader, OutputTransaction, recover_output
 from opcm_ext.errors import OutputError
+from opcm_ext.io import CheckpointReader, OutputTransaction, needs_recovery, recover_output
 
 FORK = mp.get_context("fork")
 
@@ -90,15 +90,15 @@ def test_commit_new_folder(out):
 def test_commit_replaces_existing(out, monkeypatch, exchange):
     make_output(out, MODEL_A, shards=2)
     calls = []
-    real = ck._rename_exchange
+    real = transaction._rename_exchange
 
     def spy(a, b):
         calls.append((a, b))
         if not exchange:
-            raise ck._NoExchange("test")
+            raise transaction._NoExchange("test")
         return real(a, b)
 
-    monkeypatch.setattr(ck, "_rename_exchange", spy)
+    monkeypatch.setattr(transaction, "_rename_exchange", spy)
     make_output(out, MODEL_B)
     assert len(calls) == 1
     assert sorted(os.listdir(out)) == ["model.safetensors"]  # old shards and index are gone
@@ -416,6 +416,27 @@ def test_exchange_recovery(out):
     assert snapshot(out) == after and leftovers(out) == []
 
 
+def test_needs_recovery(out):
+    parent = out.parent
+    assert not needs_recovery(out) and not needs_recovery(str(out))
+    make_output(out, MODEL_A)
+    assert (parent / ".merged.opcm.lock").exists() and not needs_recovery(out)  # the lock file is not a leftover
+    fake_tmp(parent, "other", "aa11", marker=True)
+    assert not needs_recovery(out)
+    tmp = fake_tmp(parent, "merged", "bb22", marker=True)
+    assert needs_recovery(out)
+    recover_output(out)
+    assert not tmp.exists() and not needs_recovery(out)
+    (parent / ".merged.opcm-old-cc33").mkdir()
+    assert needs_recovery(out)
+    os.rmdir(parent / ".merged.opcm-old-cc33")
+    (out / ".opcm-tmp").write_text("token=dd44\n")
+    assert needs_recovery(out)
+    recover_output(out)
+    assert not needs_recovery(out) and not (out / ".opcm-tmp").exists()
+    assert not needs_recovery(parent / "missing-parent" / "x")
+
+
 # --------------------------------------------------------------------------------------
 # SIGKILL at every fault point: afterwards (and after recovery) the output is old or new, whole
 # --------------------------------------------------------------------------------------
@@ -424,9 +445,9 @@ def test_exchange_recovery(out):
 def _child_merge(out: str, kind: str, fault: str, log: str | None, no_exchange: bool) -> None:
     if no_exchange:
         def refuse(a, b):
-            raise ck._NoExchange("test")
+            raise transaction._NoExchange("test")
 
-        ck._rename_exchange = refuse
+        transaction._rename_exchange = refuse
     _faults._configure(fault, log)
     with OutputTransaction(out, kind=kind) as tx:
         write_model(tx, MODEL_B, shards=1 if kind == "file" else 2)
@@ -476,7 +497,10 @@ def test_sigkill_at_every_fault_point(tmp_path, scenario):
         o = fresh(n)
         code = _run_child(str(o), kind, str(n), None, no_exchange)
         assert code == -9, f"kill at point {n} ({points[n - 1]}): exit code {code}"
-        recover_output(o)
+        pending = needs_recovery(o)
+        actions = recover_output(o)
+        assert pending or not actions, f"kill at point {n}: needs_recovery said no, recovery did {actions}"
+        assert not needs_recovery(o)
         got = snapshot(o)
         want = new if n >= swap_at else old
         assert got == want, f"after a kill at point {n} ({points[n - 1]}) the output is neither whole nor right"

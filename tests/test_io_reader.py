@@ -1,9 +1,14 @@
-"""checkpoint.py: our safetensors reader and writer against the safetensors library and transformers."""
+"""opcm_ext.io.reader: our safetensors reader against the safetensors library and transformers.
+
+Validation of every header field, folders and shard indexes, refused formats, whole reads,
+row blocks and column blocks (against torch slicing, every dtype), file identity, pickling.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,48 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import all_dtype_tensors, bytes_tensor, raw_bytes, same_tensor, write_shards
+from safetensors.torch import save_file
 
-from opcm_ext.checkpoint import (
-    DTYPES,
-    CheckpointReader,
-    SafetensorsWriter,
-    TensorHasher,
-    TensorInfo,
-    content_hash,
-    dtype_to_str,
-)
-from opcm_ext.errors import CheckpointError, OutputError
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes (works for every dtype, 0-d and empty tensors)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(raw(a), raw(b))
-
-
-def sample_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for d in shape:
-        n *= d
-    return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
+from opcm_ext.errors import CheckpointError
+from opcm_ext.io import DTYPES, CheckpointReader, OutputTransaction, TensorInfo, content_hash, dtype_to_str
 
 ALL_DTYPES = sorted(DTYPES.items())
-
-
-def all_dtype_tensors() -> dict[str, torch.Tensor]:
-    ts = {}
-    for i, (code, dt) in enumerate(ALL_DTYPES):
-        ts[f"t.{code}.mat"] = sample_tensor(dt, (3, 5), seed=i)
-        ts[f"t.{code}.scalar"] = sample_tensor(dt, (), seed=100 + i)
-        ts[f"t.{code}.empty"] = torch.empty((0, 4), dtype=dt)
-    ts["t.BOOL.mat"] = torch.rand(3, 5) > 0.5  # real booleans, not random bytes
-    return ts
 
 
 def write_raw(path: Path, header: bytes | dict, data: bytes = b"", length: int | None = None) -> Path:
@@ -60,15 +30,6 @@ def write_raw(path: Path, header: bytes | dict, data: bytes = b"", length: int |
     n = len(hb) if length is None else length
     path.write_bytes(struct.pack("<Q", n) + hb + data)
     return path
-
-
-def write_ours(folder: Path, shards: dict[str, dict[str, torch.Tensor]], metadata=None) -> SafetensorsWriter:
-    layout = [(f, [(k, t.dtype, tuple(t.shape)) for k, t in ts.items()]) for f, ts in shards.items()]
-    with SafetensorsWriter(folder, layout, metadata) as w:
-        for ts in shards.values():
-            for k, t in ts.items():
-                w.write(k, t)
-    return w
 
 
 # --------------------------------------------------------------------------------------
@@ -88,157 +49,12 @@ def test_reads_what_safetensors_writes_every_dtype(tmp_path):
         data = f.read_bytes()
         for k, t in ts.items():
             got = r.read(k)
-            assert same(got, t), k
+            assert same_tensor(got, t), k
             info = r.info(k)
             assert isinstance(info, TensorInfo)
             assert info.dtype == t.dtype and info.dtype_str == dtype_to_str(t.dtype)
             assert info.shape == tuple(t.shape) and info.file == f
-            assert data[info.offset : info.offset + info.nbytes] == bytes(raw(t).numpy())
-
-
-def test_safetensors_reads_what_we_write_every_dtype(tmp_path):
-    ts = all_dtype_tensors()
-    write_ours(tmp_path, {"model.safetensors": ts}, {"note": "x"})
-    loaded = load_file(str(tmp_path / "model.safetensors"))
-    assert sorted(loaded) == sorted(ts)
-    for k, t in ts.items():
-        assert same(loaded[k], t), k
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"note": "x", "format": "pt"}
-
-
-def test_writer_header_layout(tmp_path):
-    ts = {"z": torch.ones(3), "a": torch.zeros(2, dtype=torch.float16)}
-    write_ours(tmp_path, {"m.safetensors": ts}, {"format": "pt", "k": "v"})
-    blob = (tmp_path / "m.safetensors").read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    assert n % 8 == 0
-    header = blob[8 : 8 + n]
-    assert header.rstrip(b" ") != header or len(header.rstrip(b" ")) == n
-    doc = json.loads(header)
-    assert list(doc) == ["__metadata__", "z", "a"]  # metadata first, then the given order
-    assert doc["__metadata__"] == {"format": "pt", "k": "v"}
-    assert doc["z"]["data_offsets"] == [0, 12] and doc["a"]["data_offsets"] == [12, 16]
-    assert len(blob) == 8 + n + 16
-
-
-def test_writer_any_order_from_threads_and_sharded_index(tmp_path):
-    shards = {
-        f"model-0000{i}-of-00003.safetensors": {f"s{i}.w{j}": torch.randn(17, 9 + j) for j in range(6)}
-        for i in range(1, 4)
-    }
-    layout = [(f, [(k, t.dtype, tuple(t.shape)) for k, t in ts.items()]) for f, ts in shards.items()]
-    items = [(k, t) for ts in shards.values() for k, t in ts.items()]
-    items.reverse()
-    w = SafetensorsWriter(tmp_path, layout, {})
-    with ThreadPoolExecutor(4) as ex:
-        list(ex.map(lambda kt: w.write(*kt), items))
-    w.close()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for _, t in items)
-    assert index["weight_map"] == {k: f for f, ts in shards.items() for k in ts}
-    assert w.files[-1] == tmp_path / "model.safetensors.index.json"
-    with CheckpointReader(tmp_path) as r:
-        assert r.is_folder and r.folder == tmp_path
-        assert [f for f, _ in r.layout] == list(shards)
-        assert r.layout == [(f, list(ts)) for f, ts in shards.items()]
-        for k, t in items:
-            assert same(r.read(k), t)
-    for f, ts in shards.items():
-        loaded = load_file(str(tmp_path / f))
-        assert all(same(loaded[k], t) for k, t in ts.items())
-
-
-def test_unaligned_layout_still_loads(tmp_path):
-    ts = {"b": torch.tensor(1.5, dtype=torch.bfloat16), "a": torch.arange(3.0)}
-    write_ours(tmp_path, {"x.safetensors": ts})
-    loaded = load_file(str(tmp_path / "x.safetensors"))
-    assert same(loaded["a"], ts["a"]) and same(loaded["b"], ts["b"])
-
-
-# --------------------------------------------------------------------------------------
-# writer misuse
-# --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_writer(tmp_path):
-    w = SafetensorsWriter(tmp_path, [("m.safetensors", [("a", torch.float32, (2, 3)), ("b", "I64", (4,))])])
-    yield w
-    w.abort()
-
-
-@pytest.mark.parametrize(
-    "name,tensor,match",
-    [
-        ("nope", torch.zeros(2, 3), "not in this writer's layout"),
-        ("a", torch.zeros(2, 3, dtype=torch.float64), "dtype"),
-        ("a", torch.zeros(3, 2), "shape"),
-        ("a", torch.zeros(3, 2).t(), "contiguous"),
-        ("a", torch.zeros(2, 3, device="meta"), "CPU"),
-        ("a", [[0.0] * 3] * 2, "torch.Tensor"),
-    ],
-    ids=["unknown", "dtype", "shape", "noncontiguous", "device", "not-a-tensor"],
-)
-def test_writer_rejects_bad_tensors(one_writer, name, tensor, match):
-    with pytest.raises(ValueError, match=match):
-        one_writer.write(name, tensor)
-
-
-def test_writer_exactly_once(one_writer, tmp_path):
-    one_writer.write("a", torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="twice"):
-        one_writer.write("a", torch.zeros(2, 3))
-    with pytest.raises(RuntimeError, match="never written.*b"):
-        one_writer.close()
-    one_writer.abort()
-    assert not (tmp_path / "m.safetensors").exists()  # abort deletes what it wrote
-
-
-def test_writer_layout_errors(tmp_path):
-    with pytest.raises(ValueError, match="twice"):
-        SafetensorsWriter(tmp_path, [("m.safetensors", [("a", torch.float32, (1,)), ("a", torch.float32, (1,))])])
-    with pytest.raises(ValueError, match="plain file name"):
-        SafetensorsWriter(tmp_path, [("../m.safetensors", [("a", torch.float32, (1,))])])
-    with pytest.raises(ValueError, match="str to str"):
-        SafetensorsWriter(tmp_path, [("m.safetensors", [])], {"a": 1})
-    with pytest.raises(ValueError, match="cannot be stored"):
-        SafetensorsWriter(tmp_path, [("m.safetensors", [("a", torch.complex128, (1,))])])
-    (tmp_path / "e.safetensors").write_bytes(b"x")
-    with pytest.raises(ValueError, match="already exists"):
-        SafetensorsWriter(tmp_path, [("e.safetensors", [])])
-    assert (tmp_path / "e.safetensors").read_bytes() == b"x"
-
-
-def test_writer_disk_full_is_output_error(tmp_path, monkeypatch):
-    import errno
-
-    w = SafetensorsWriter(tmp_path, [("m.safetensors", [("a", torch.float32, (4,))])])
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(OutputError, match="disk full while writing .*m.safetensors"):
-        w.write("a", torch.zeros(4))
-    monkeypatch.undo()
-    w.abort()
-
-
-def test_short_writes_are_completed(tmp_path, monkeypatch):
-    real = os.pwrite
-
-    def short(fd, data, off):
-        return real(fd, bytes(memoryview(data)[:3]), off)  # at most 3 bytes per call
-
-    monkeypatch.setattr(os, "pwrite", short)
-    t = torch.randn(5, 7)
-    write_ours(tmp_path, {"m.safetensors": {"a": t}})
-    monkeypatch.undo()
-    assert same(load_file(str(tmp_path / "m.safetensors"))["a"], t)
-
+            assert data[info.offset : info.offset + info.nbytes] == bytes(raw_bytes(t).numpy())
 
 # --------------------------------------------------------------------------------------
 # reading API
@@ -260,7 +76,7 @@ def test_read_into_preallocated_buffer(small_file):
     with CheckpointReader(f) as r:
         for k, t in ts.items():
             got = r.read(k, out=buf)
-            assert same(got, t)
+            assert same_tensor(got, t)
             assert got.data_ptr() == buf.data_ptr()  # a view of the buffer, no copy
         with pytest.raises(ValueError, match="needs"):
             r.read("w7", out=torch.empty(3, dtype=torch.uint8))
@@ -276,12 +92,12 @@ def test_read_bytes_and_sample(small_file):
     with CheckpointReader(f) as r:
         info = r.info("w3")
         assert r.read_bytes("w3", 4, 10) == data[info.offset + 4 : info.offset + 14]
-        assert r.read_bytes("w3", 0, info.nbytes) == bytes(raw(ts["w3"]).numpy())
+        assert r.read_bytes("w3", 0, info.nbytes) == bytes(raw_bytes(ts["w3"]).numpy())
         with pytest.raises(ValueError):
             r.read_bytes("w3", info.nbytes - 2, 3)
         with pytest.raises(ValueError):
             r.read_bytes("w3", -1, 2)
-        assert r.read_sample("w3") == bytes(raw(ts["w3"]).numpy())
+        assert r.read_sample("w3") == bytes(raw_bytes(ts["w3"]).numpy())
         assert len(r.read_sample("w3", size=9)) == 9
 
 
@@ -291,7 +107,7 @@ def test_concurrent_reads(small_file):
         keys = list(ts) * 20
         with ThreadPoolExecutor(4) as ex:
             results = list(ex.map(r.read, keys))
-        assert all(same(got, ts[k]) for k, got in zip(keys, results))
+        assert all(same_tensor(got, ts[k]) for k, got in zip(keys, results))
 
 
 def test_unknown_name_and_closed_reader(small_file):
@@ -309,17 +125,17 @@ def test_unknown_name_and_closed_reader(small_file):
 def test_close_waits_for_reads_in_flight(small_file, monkeypatch):
     f, ts = small_file
     r = CheckpointReader(f)
-    import opcm_ext.checkpoint as ck
+    import opcm_ext.io._fs as fs
 
     started, release = threading.Event(), threading.Event()
-    real = ck._pread_into
+    real = fs.pread_into
 
     def slow(*a, **k):
         started.set()
         release.wait(5)
         return real(*a, **k)
 
-    monkeypatch.setattr(ck, "_pread_into", slow)
+    monkeypatch.setattr(fs, "pread_into", slow)
     result = {}
     th = threading.Thread(target=lambda: result.setdefault("t", r.read("w1")))
     th.start()
@@ -331,7 +147,7 @@ def test_close_waits_for_reads_in_flight(small_file, monkeypatch):
     release.set()
     th.join(5)
     closer.join(5)
-    assert same(result["t"], ts["w1"])
+    assert same_tensor(result["t"], ts["w1"])
 
 
 def test_truncation_after_open_is_checkpoint_error(small_file):
@@ -351,61 +167,10 @@ def test_truncated_file_is_caught_at_construction(small_file):
     with pytest.raises(CheckpointError, match="beyond the data section"):
         CheckpointReader(f)
 
-
-# --------------------------------------------------------------------------------------
-# content identity
-# --------------------------------------------------------------------------------------
-
-
-def test_content_hash_ignores_sharding_but_not_content(tmp_path):
-    ts = {f"k{i}": torch.randn(3, 4) for i in range(6)}
-    ts["ids"] = torch.arange(5)
-    (tmp_path / "one").mkdir()
-    (tmp_path / "many").mkdir()
-    save_file(ts, str(tmp_path / "one" / "model.safetensors"))
-    keys = sorted(ts)
-    write_ours(
-        tmp_path / "many",
-        {"a.safetensors": {k: ts[k] for k in keys[:3]}, "b.safetensors": {k: ts[k] for k in keys[3:]}},
-    )
-    with CheckpointReader(tmp_path / "one") as a, CheckpointReader(tmp_path / "many") as b:
-        ha = content_hash(a)
-        assert ha == content_hash(b)
-        assert len(ha) == 32
-    h = TensorHasher()
-    for k in keys:
-        h.update(k, ts[k])
-    assert h.hexdigest() == ha
-
-    def digest(d: dict[str, torch.Tensor]) -> str:
-        h = TensorHasher()
-        for k in sorted(d):
-            h.update(k, d[k])
-        return h.hexdigest()
-
-    changed = dict(ts)
-    changed["k0"] = ts["k0"].clone()
-    changed["k0"][0, 0] += 1
-    renamed = {("j0" if k == "k0" else k): v for k, v in ts.items()}
-    retyped = dict(ts, k0=ts["k0"].view(torch.int32))
-    reshaped = dict(ts, k0=ts["k0"].reshape(4, 3))
-    noncontig = dict(ts, k0=ts["k0"].t().contiguous().t())
-    assert digest(noncontig) == ha
-    assert len({ha, digest(changed), digest(renamed), digest(retyped), digest(reshaped)}) == 5
-
-
-def test_hasher_requires_sorted_order():
-    h = TensorHasher()
-    h.update("b", torch.zeros(1))
-    with pytest.raises(ValueError, match="sorted"):
-        h.update("a", torch.zeros(1))
-    with pytest.raises(ValueError, match="sorted"):
-        h.update("b", torch.zeros(1))
-
-
 # --------------------------------------------------------------------------------------
 # corrupt headers: each one a CheckpointError that names the file and the problem
 # --------------------------------------------------------------------------------------
+
 
 F4 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 
@@ -487,7 +252,6 @@ def test_null_metadata_is_empty(tmp_path):
     with CheckpointReader(f) as r:
         assert r.metadata == {}
 
-
 # --------------------------------------------------------------------------------------
 # folders, indexes and refused formats
 # --------------------------------------------------------------------------------------
@@ -495,7 +259,7 @@ def test_null_metadata_is_empty(tmp_path):
 
 def make_sharded(folder: Path) -> dict[str, torch.Tensor]:
     ts = {"a": torch.randn(3), "b": torch.randn(2, 2), "c": torch.arange(4), "d": torch.randn(5)}
-    write_ours(folder, {"s1.safetensors": {"a": ts["a"], "b": ts["b"]}, "s2.safetensors": {"c": ts["c"], "d": ts["d"]}})
+    write_shards(folder, {"s1.safetensors": {"a": ts["a"], "b": ts["b"]}, "s2.safetensors": {"c": ts["c"], "d": ts["d"]}})
     return ts
 
 
@@ -515,7 +279,7 @@ def test_index_path_and_folder(tmp_path):
             assert r.layout == [("s1.safetensors", ["a", "b"]), ("s2.safetensors", ["c", "d"])]
             assert set(r.shard_metadata) == {"s1.safetensors", "s2.safetensors"}
             assert r.metadata == {"format": "pt"}
-            assert all(same(r.read(k), t) for k, t in ts.items())
+            assert all(same_tensor(r.read(k), t) for k, t in ts.items())
 
 
 @pytest.mark.parametrize(
@@ -554,13 +318,13 @@ def test_hub_cache_symlinked_shards(tmp_path):
         (blobs / f"h-{f.name}").write_bytes(f.read_bytes())
         os.symlink(Path("..") / ".." / "blobs" / f"h-{f.name}", snap / f.name)
     with CheckpointReader(snap) as r:
-        assert all(same(r.read(k), t) for k, t in ts.items())
+        assert all(same_tensor(r.read(k), t) for k, t in ts.items())
 
 
 def test_duplicate_key_across_shards(tmp_path):
-    write_ours(tmp_path, {"s1.safetensors": {"a": torch.zeros(1)}, "s2.safetensors": {"a2": torch.zeros(1)}})
+    write_shards(tmp_path, {"s1.safetensors": {"a": torch.zeros(1)}, "s2.safetensors": {"a2": torch.zeros(1)}})
     (tmp_path / "s2.safetensors").unlink()
-    write_ours(tmp_path, {"s2.safetensors": {"a": torch.zeros(1)}})
+    write_shards(tmp_path, {"s2.safetensors": {"a": torch.zeros(1)}})
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}})
     )
@@ -624,8 +388,7 @@ def test_pickle_recipe_works(tmp_path):
     )
     exec(code, {})
     with CheckpointReader(tmp_path) as r:
-        assert r.keys() == ["a", "b", "tied"] and same(r.read("b"), sd["b"])
-
+        assert r.keys() == ["a", "b", "tied"] and same_tensor(r.read("b"), sd["b"])
 
 # --------------------------------------------------------------------------------------
 # transformers: sharded save_pretrained folders in, from_pretrained-loadable folders out
@@ -670,12 +433,10 @@ def test_reads_sharded_save_pretrained(hf_model):
         assert r.total_bytes == index["metadata"]["total_size"]
         assert set(r.keys()) <= set(sd)
         for k in r.keys():
-            assert same(r.read(k), sd[k].contiguous()), k
+            assert same_tensor(r.read(k), sd[k].contiguous()), k
 
 
 def test_writer_output_loads_with_from_pretrained(hf_model, tmp_path):
-    from opcm_ext.checkpoint import OutputTransaction
-
     kind, model, folder = hf_model
     cls = type(model)
     out = tmp_path / "out"
@@ -693,7 +454,212 @@ def test_writer_output_loads_with_from_pretrained(hf_model, tmp_path):
     want, got = model.state_dict(), loaded.state_dict()
     assert set(want) == set(got)
     for k in want:
-        assert same(got[k].contiguous(), want[k].contiguous()), k
+        assert same_tensor(got[k].contiguous(), want[k].contiguous()), k
     with CheckpointReader(out) as r2, CheckpointReader(folder) as r1:
         assert content_hash(r1) == content_hash(r2)
         assert r2.metadata["opcm_ext.state"] == "{}" and r2.metadata["format"] == "pt"
+
+
+# --------------------------------------------------------------------------------------
+# row blocks and column blocks: the same bytes as torch slicing, for every dtype
+# --------------------------------------------------------------------------------------
+
+BLOCK_SHAPE = (7, 5)
+ROW_CASES = [(0, 7), (0, 1), (6, 7), (2, 5), (3, 4)]
+COL_CASES = [(0, 5), (0, 1), (4, 5), (1, 4), (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def blocks_file(tmp_path_factory):
+    ts = {f"m.{code}": bytes_tensor(dt, BLOCK_SHAPE, seed=i) for i, (code, dt) in enumerate(ALL_DTYPES)}
+    ts["m.BOOL"] = bytes_tensor(torch.uint8, BLOCK_SHAPE, seed=97) % 2 == 1  # copies of bools normalise bytes
+    ts["cube"] = bytes_tensor(torch.float32, (4, 3, 2), seed=99)
+    ts["vec"] = bytes_tensor(torch.bfloat16, (9,), seed=98)
+    ts["scalar"] = torch.tensor(1.5)
+    ts["wide0"] = torch.empty((3, 0), dtype=torch.float16)
+    f = tmp_path_factory.mktemp("blocks") / "b.safetensors"
+    save_file(ts, str(f))
+    return f, ts
+
+
+@pytest.mark.parametrize("code", [c for c, _ in ALL_DTYPES])
+def test_row_and_column_blocks_match_torch_slicing(blocks_file, code):
+    f, ts = blocks_file
+    t = ts[f"m.{code}"]
+    with CheckpointReader(f) as r:
+        for r0, r1 in ROW_CASES:
+            assert same_tensor(r.read(f"m.{code}", rows=(r0, r1)), t[r0:r1]), (r0, r1)
+        for c0, c1 in COL_CASES:
+            got = r.read_columns(f"m.{code}", c0, c1)
+            assert got.is_contiguous() and same_tensor(got, t[:, c0:c1].contiguous()), (c0, c1)
+        got = r.read_columns(f"m.{code}", 1, 4, rows=(2, 6))
+        assert same_tensor(got, t[2:6, 1:4].contiguous())
+
+
+def test_row_blocks_of_other_ranks(blocks_file):
+    f, ts = blocks_file
+    with CheckpointReader(f) as r:
+        assert same_tensor(r.read("cube", rows=(1, 3)), ts["cube"][1:3])
+        assert same_tensor(r.read("vec", rows=(8, 9)), ts["vec"][8:9])
+        assert same_tensor(r.read("wide0", rows=(1, 2)), ts["wide0"][1:2])
+
+
+def test_blocks_into_a_buffer(blocks_file):
+    f, ts = blocks_file
+    buf = torch.empty(4096, dtype=torch.uint8)
+    with CheckpointReader(f) as r:
+        got = r.read("m.F32", buf, rows=(3, 6))
+        assert got.data_ptr() == buf.data_ptr() and same_tensor(got, ts["m.F32"][3:6])
+        got = r.read_columns("m.BF16", 2, 5, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and same_tensor(got, ts["m.BF16"][:, 2:5].contiguous())
+        with pytest.raises(ValueError, match="holds 7 bytes, .m.F32. needs 8"):
+            r.read_columns("m.F32", 0, 1, out=torch.empty(7, dtype=torch.uint8), rows=(0, 2))
+
+
+def test_column_block_is_one_pread_per_row(blocks_file, monkeypatch):
+    import opcm_ext.io._fs as fs
+
+    f, ts = blocks_file
+    calls = []
+    real = fs.pread_into
+
+    def spy(fd, mv, offset, path, what):
+        calls.append((offset, len(mv)))
+        return real(fd, mv, offset, path, what)
+
+    monkeypatch.setattr(fs, "pread_into", spy)
+    with CheckpointReader(f) as r:
+        info = r.info("m.F16")
+        r.read_columns("m.F16", 1, 3)
+        assert calls == [(info.offset + i * 10 + 2, 4) for i in range(7)]
+        calls.clear()
+        r.read("m.F16", rows=(2, 4))
+        assert calls == [(info.offset + 20, 20)]
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda r: r.read("m.F32", rows=(3, 3)), r"rows=\(3, 3\) for tensor 'm.F32' of shape \(7, 5\): need a pair"),
+        (lambda r: r.read("m.F32", rows=(4, 2)), "0 <= start < stop <= 7"),
+        (lambda r: r.read("m.F32", rows=(0, 8)), "0 <= start < stop <= 7"),
+        (lambda r: r.read("m.F32", rows=(-1, 2)), "0 <= start < stop"),
+        (lambda r: r.read("m.F32", rows=(0.0, 2)), "pair of integers"),
+        (lambda r: r.read("m.F32", rows=(True, 2)), "pair of integers"),
+        (lambda r: r.read("m.F32", rows=(1, 2, 3)), "pair of integers"),
+        (lambda r: r.read("m.F32", rows=5), "pair of integers"),
+        (lambda r: r.read("scalar", rows=(0, 1)), "0-d"),
+        (lambda r: r.read_columns("m.F32", 2, 2), r"cols=\(2, 2\)"),
+        (lambda r: r.read_columns("m.F32", 0, 6), "<= 5"),
+        (lambda r: r.read_columns("cube", 0, 1), "need a 2-D tensor"),
+        (lambda r: r.read_columns("vec", 0, 1), "need a 2-D tensor"),
+        (lambda r: r.read_columns("wide0", 0, 1), "<= 0"),
+    ],
+    ids=["empty-rows", "reversed-rows", "rows-past-end", "negative-row", "float-row", "bool-row", "triple",
+         "not-a-pair", "scalar-rows", "empty-cols", "cols-past-end", "cols-of-3d", "cols-of-1d", "no-columns"],
+)
+def test_block_argument_errors(blocks_file, call, match):
+    f, _ = blocks_file
+    with CheckpointReader(f) as r:
+        with pytest.raises(ValueError, match=match):
+            call(r)
+
+
+def test_numpy_integers_are_accepted(blocks_file):
+    import numpy as np
+
+    f, ts = blocks_file
+    with CheckpointReader(f) as r:
+        assert same_tensor(r.read("m.I32", rows=(np.int64(1), np.int32(3))), ts["m.I32"][1:3])
+
+
+def test_truncation_under_a_block_read(small_file):
+    f, _ = small_file
+    with CheckpointReader(f) as r:
+        info = r.info("w7")
+        os.truncate(f, info.offset + 13)
+        assert r.read("w7", rows=(0, 1)).shape == (1, 3)
+        with pytest.raises(CheckpointError, match="truncated"):
+            r.read("w7", rows=(1, 2))
+        with pytest.raises(CheckpointError, match="truncated"):
+            r.read_columns("w7", 0, 1)
+
+
+def test_read_into(small_file):
+    f, ts = small_file
+    want = bytes(raw_bytes(ts["w3"]).numpy())
+    with CheckpointReader(f) as r:
+        buf = bytearray(10)
+        r.read_into("w3", 4, buf)
+        assert bytes(buf) == want[4:14]
+        t = torch.empty(len(want), dtype=torch.uint8)
+        r.read_into("w3", 0, t)
+        assert bytes(t.numpy()) == want
+        with pytest.raises(ValueError, match="outside tensor"):
+            r.read_into("w3", 1, bytearray(len(want)))
+        with pytest.raises(ValueError, match="uint8"):
+            r.read_into("w3", 0, torch.empty(2))
+
+
+# --------------------------------------------------------------------------------------
+# file identity and other processes
+# --------------------------------------------------------------------------------------
+
+
+def test_file_identity_of_a_file_and_of_shards(tmp_path, small_file):
+    f, _ = small_file
+    with CheckpointReader(f) as r:
+        (ident,) = r.file_identity()
+        st = os.stat(f)
+        assert ident == (os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    make_sharded(sharded)
+    with CheckpointReader(sharded) as r:
+        ids = r.file_identity()
+        names = [os.path.basename(i[0]) for i in ids]
+        assert names == ["s1.safetensors", "s2.safetensors", "model.safetensors.index.json"]
+    r.close()
+    with pytest.raises(ValueError, match="closed"):
+        r.file_identity()
+
+
+def test_file_identity_follows_changes(tmp_path):
+    make_sharded(tmp_path)
+    with CheckpointReader(tmp_path) as r:
+        before = r.file_identity()
+        assert r.file_identity() == before
+        idx = tmp_path / "model.safetensors.index.json"
+        with open(tmp_path / "s2.safetensors", "r+b") as fh:  # edited in place: size and mtime move
+            fh.seek(0, 2)
+            fh.write(b"\0" * 8)
+        after = r.file_identity()
+        assert after[0] == before[0] and after[1] != before[1] and after[2] == before[2]
+    os.utime(idx, ns=(1, 1))
+    with CheckpointReader(tmp_path) as r2:
+        assert r2.file_identity()[2][4] == 1
+
+
+def test_symlinked_file_identity_is_the_target(tmp_path, small_file):
+    f, _ = small_file
+    link = tmp_path / "link.safetensors"
+    os.symlink(f, link)
+    with CheckpointReader(link) as a, CheckpointReader(f) as b:
+        assert a.file_identity() == b.file_identity()
+
+
+def _keys_and_row(reader):
+    return reader.keys(), reader.read("w2", rows=(1, 3)).clone()
+
+
+def test_reader_travels_to_another_process(small_file):
+    import multiprocessing as mp
+
+    f, ts = small_file
+    with CheckpointReader(f) as r:
+        clone = pickle.loads(pickle.dumps(r))
+        assert clone.path == r.path and clone.keys() == r.keys()
+        clone.close()
+        with mp.get_context("spawn").Pool(1) as pool:
+            keys, rows = pool.apply(_keys_and_row, (r,))
+    assert keys == sorted(ts) and same_tensor(rows, ts["w2"][1:3])

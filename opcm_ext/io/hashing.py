@@ -1,0 +1,297 @@
+"""The one content identity of a model, and a cache of it keyed by the files' identity.
+
+``content_hash`` is ``"blake3:"`` + 32 hex characters: BLAKE3 over every tensor in sorted
+name order, each framed as length-prefixed name, dtype code, shape and raw bytes. It depends
+only on the tensors, not on sharding, file layout or metadata, and ``hash_tensors`` gives the
+same value for the same tensors held in memory.
+
+Merge states written by opcm-ext 0.1 record a bare 32-hex blake2b identity (``legacy_hash``);
+``same_model`` compares a recorded hash with a checkpoint in whichever scheme it was recorded.
+
+The cache (``HashCache``) maps (realpath, device, inode, size, mtime_ns) of every file of a
+checkpoint to its hashes, so an unchanged base is hashed once, not every step. It lives in
+``$OPCM_CACHE_DIR/hashes.json`` (else ``$XDG_CACHE_HOME/opcm-ext/`` or ``~/.cache/opcm-ext/``);
+``OPCM_NO_HASH_CACHE=1`` turns the default cache off. A missing, corrupt or unwritable
+cache only means hashing again: it never fails a caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import struct
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import blake3
+import torch
+
+from ._fs import tensor_bytes
+from .dtypes import dtype_to_str
+from .reader import CheckpointReader
+
+__all__ = [
+    "content_hash",
+    "hash_tensors",
+    "legacy_hash",
+    "hash_algorithm",
+    "same_model",
+    "HashCache",
+    "default_cache_path",
+]
+
+_log = logging.getLogger(__name__)
+
+_PREFIX = "blake3:"
+_TAG = b"opcm-ext content v1\x00"  # domain separation: a future framing gets a new tag
+_CHUNK = 64 << 20  # bytes read and hashed at a time: bounds the memory of hashing a checkpoint
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_CACHE_ENTRIES = 1000
+
+
+# ---------------------------------------------------------------------------------------
+# the two schemes
+# ---------------------------------------------------------------------------------------
+
+
+def _frame(name: str, dtype_str: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    nb = name.encode("utf-8")
+    ds = dtype_str.encode("ascii")
+    return b"".join(
+        (
+            struct.pack("<Q", len(nb)),
+            nb,
+            struct.pack("<Q", len(ds)),
+            ds,
+            struct.pack(f"<Q{len(shape)}Q", len(shape), *shape),
+            struct.pack("<Q", nbytes),
+        )
+    )
+
+
+def _new_blake3() -> Any:
+    return blake3.blake3(_TAG, max_threads=blake3.blake3.AUTO)
+
+
+def _bar(progress: bool, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                disable=not progress, leave=False)
+
+
+def _stream(reader: CheckpointReader, progress: bool, desc: str, start: Callable[[str], Any]) -> dict[str, Any]:
+    """Feed every tensor's bytes (sorted names, in chunks of at most 64 MiB) to ``start(name)``'s hasher."""
+    keys = reader.keys()
+    largest = max((reader.info(k).nbytes for k in keys), default=0)
+    buf = memoryview(bytearray(min(_CHUNK, largest)))
+    hashers = {}
+    with _bar(progress, reader.total_bytes, desc) as bar:
+        for k in keys:
+            h = hashers[k] = start(k)
+            n = reader.info(k).nbytes
+            for off in range(0, n, _CHUNK):
+                part = buf[: min(_CHUNK, n - off)]
+                reader.read_into(k, off, part)
+                h.update(part)
+                bar.update(len(part))
+    return hashers
+
+
+def _blake3_of(reader: CheckpointReader, progress: bool) -> str:
+    h = _new_blake3()
+
+    def start(k: str) -> Any:
+        info = reader.info(k)
+        h.update(_frame(k, info.dtype_str, info.shape, info.nbytes))
+        return h
+
+    _stream(reader, progress, f"hashing {reader.path.name}", start)
+    return _PREFIX + h.hexdigest(length=16)
+
+
+def _legacy_of(reader: CheckpointReader, progress: bool) -> str:
+    # opcm-ext 0.1: blake2b-16 of (name, str(dtype), repr(shape), bytes) per tensor, then of the sorted (name, digest)
+    def start(k: str) -> Any:
+        info = reader.info(k)
+        t = hashlib.blake2b(digest_size=16)
+        t.update(k.encode())
+        t.update(str(info.dtype).encode())
+        t.update(repr(tuple(info.shape)).encode())
+        return t
+
+    per_tensor = _stream(reader, progress, f"hashing {reader.path.name} (0.1 scheme)", start)
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(per_tensor):
+        h.update(k.encode())
+        h.update(per_tensor[k].digest())
+    return h.hexdigest()
+
+
+_SCHEMES: dict[str, Callable[[CheckpointReader, bool], str]] = {"blake3": _blake3_of, "legacy": _legacy_of}
+
+
+def hash_algorithm(h: str) -> str:
+    """The scheme of a recorded hash: 'blake3' (``blake3:`` + 32 hex) or 'legacy' (32 hex, opcm-ext 0.1)."""
+    if isinstance(h, str):
+        if h.startswith(_PREFIX) and _HEX32.fullmatch(h[len(_PREFIX) :]):
+            return "blake3"
+        if _HEX32.fullmatch(h):
+            return "legacy"
+    raise ValueError(
+        f"{h!r} is not a model hash opcm-ext knows: expected 'blake3:' followed by 32 hex digits, "
+        "or 32 hex digits as opcm-ext 0.1 recorded them"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# the API
+# ---------------------------------------------------------------------------------------
+
+
+def content_hash(reader: CheckpointReader, *, progress: bool = False, cache: bool | HashCache | None = True) -> str:
+    """The model's content identity, ``blake3:<32 hex>`` (cached by file identity unless ``cache=False``)."""
+    return _hash(reader, "blake3", progress, cache)
+
+
+def legacy_hash(reader: CheckpointReader, *, progress: bool = False, cache: bool | HashCache | None = True) -> str:
+    """The bare 32-hex identity opcm-ext 0.1 recorded in merge states (blake2b-16 per tensor, then combined)."""
+    return _hash(reader, "legacy", progress, cache)
+
+
+def same_model(recorded: str, reader: CheckpointReader, cache: bool | HashCache | None = True) -> bool:
+    """Whether ``reader`` holds the model a state recorded as ``recorded`` (compared in that hash's scheme)."""
+    return _hash(reader, hash_algorithm(recorded), False, cache) == recorded
+
+
+def hash_tensors(items: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> str:
+    """``content_hash`` of tensors in memory (a state dict or (name, tensor) pairs, in any order)."""
+    pairs = list(items.items() if isinstance(items, Mapping) else items)
+    pairs.sort(key=lambda kv: kv[0])
+    h = _new_blake3()
+    last = None
+    for name, t in pairs:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise ValueError(f"hash_tensors takes (str, torch.Tensor) pairs, got ({name!r}, {type(t).__name__})")
+        if name == last:
+            raise ValueError(f"hash_tensors: the name {name!r} appears twice")
+        last = name
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        data = tensor_bytes(t.contiguous())
+        h.update(_frame(name, dtype_to_str(t.dtype), tuple(t.shape), len(data)))
+        h.update(data)
+    return _PREFIX + h.hexdigest(length=16)
+
+
+def _hash(reader: CheckpointReader, algo: str, progress: bool, cache: bool | HashCache | None) -> str:
+    store = _cache_of(cache)
+    ident = _identity(reader) if store is not None else None
+    if store is not None and ident is not None:
+        hit = store.get(ident, algo)
+        if hit is not None:
+            return hit
+    value = _SCHEMES[algo](reader, progress)
+    if store is not None and ident is not None and _identity(reader) == ident:  # unchanged while hashing
+        store.put(ident, algo, value)
+    return value
+
+
+def _identity(reader: CheckpointReader) -> tuple | None:
+    try:
+        return reader.file_identity()
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_of(cache: bool | HashCache | None) -> HashCache | None:
+    if isinstance(cache, HashCache):
+        return cache
+    if not cache or os.environ.get("OPCM_NO_HASH_CACHE", "") not in ("", "0"):
+        return None
+    return HashCache()
+
+
+# ---------------------------------------------------------------------------------------
+# the cache
+# ---------------------------------------------------------------------------------------
+
+
+def default_cache_path() -> Path:
+    """``$OPCM_CACHE_DIR/hashes.json``, else ``$XDG_CACHE_HOME/opcm-ext/hashes.json``, else ``~/.cache/...``."""
+    d = os.environ.get("OPCM_CACHE_DIR")
+    if d:
+        return Path(d) / "hashes.json"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(os.path.expanduser("~")) / ".cache"
+    return base / "opcm-ext" / "hashes.json"
+
+
+class HashCache:
+    """File identity -> model hashes in one JSON file, replaced atomically; any failure means a miss."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_entries: int = _CACHE_ENTRIES) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.max_entries = max_entries
+
+    @staticmethod
+    def _key(identity: tuple) -> str:
+        return json.dumps([list(f) for f in identity], separators=(",", ":"))
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read(64 << 20))
+            entries = doc["entries"] if doc.get("version") == 1 else {}
+            return {
+                k: {"hashes": {a: h for a, h in e["hashes"].items() if a in _SCHEMES and isinstance(h, str)},
+                    "at": float(e["at"])}
+                for k, e in entries.items()
+                if isinstance(e, dict) and isinstance(e.get("hashes"), dict)
+            }
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # a corrupt or unreadable cache is an empty one
+            _log.debug("ignoring the hash cache %s: %s", self.path, e)
+            return {}
+
+    def get(self, identity: tuple, algo: str) -> str | None:
+        """The cached ``algo`` hash of the files with this identity, or None."""
+        entry = self._load().get(self._key(identity))
+        h = entry["hashes"].get(algo) if entry else None
+        try:
+            return h if h is not None and hash_algorithm(h) == algo else None
+        except ValueError:
+            return None
+
+    def put(self, identity: tuple, algo: str, value: str) -> None:
+        """Remember a hash (keeps the newest ``max_entries`` identities); failures are only logged."""
+        entries = self._load()
+        key = self._key(identity)
+        entry = entries.pop(key, {"hashes": {}})
+        entry["hashes"][algo] = value
+        entry["at"] = time.time()
+        entries[key] = entry
+        if len(entries) > self.max_entries:
+            keep = sorted(entries, key=lambda k: entries[k]["at"])[-self.max_entries :]
+            entries = {k: entries[k] for k in keep}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, "entries": entries}, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            _log.debug("could not write the hash cache %s: %s", self.path, e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
