@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile and link the CUDA backend (opcm_ext._cuda) on a machine that has nvcc
 # but no GPU, then check the module: its PyInit symbol, that it links
-# libcusolver and libcublas (and not libtorch), that every dependency
-# resolves, that it carries sm_80/sm_90 code, and that Python can import it.
+# libcusolver and libcublas (and not libtorch), its run path, that every
+# dependency resolves, that it carries sm_80/sm_90 code, and that Python can
+# import it and read the loaded libraries' versions.
 #
 # Usage: .ci/check_cuda_build.sh [build-dir]
 # Env:   PYTHON (default python3), CMAKE_CUDA_ARCHITECTURES (default: the
@@ -25,29 +26,6 @@ nvcc --version | tail -n 2
 cmake --version | head -n 1
 "$PYTHON" --version
 
-# The NVIDIA pip wheels (nvidia-cusolver, nvidia-cublas) carry the headers and
-# libraries; a full CUDA toolkit works too (the hints are then just extra).
-NV_HINTS="$("$PYTHON" - <<'EOF'
-import os
-try:
-    import nvidia
-except ImportError:
-    raise SystemExit(0)
-inc, lib = [], []
-for root in nvidia.__path__:
-    for sub in sorted(os.listdir(root)):
-        d = os.path.join(root, sub)
-        if os.path.isdir(os.path.join(d, "include")):
-            inc.append(os.path.join(d, "include"))
-        if os.path.isdir(os.path.join(d, "lib")):
-            lib.append(os.path.join(d, "lib"))
-print(";".join(inc) + "|" + ";".join(lib))
-EOF
-)"
-INC_HINTS="${NV_HINTS%%|*}"
-LIB_HINTS="${NV_HINTS##*|}"
-echo "include hints: ${INC_HINTS:-<none>}"
-echo "library hints: ${LIB_HINTS:-<none>}"
 PYBIND11_DIR="$("$PYTHON" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
   || fail "pybind11 is not installed for $PYTHON"
 
@@ -66,34 +44,20 @@ command -v ninja >/dev/null && GEN=(-G Ninja)
 ARCH=()
 [[ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && ARCH=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
 
-# The project's own CMakeLists.txt when it exists (the real integration);
-# otherwise a minimal wrapper that includes csrc/cuda.cmake the same way.
-if [[ -f "$REPO/CMakeLists.txt" ]]; then
-  SRC="$REPO"
-  say "configure the project ($SRC) with OPCM_WITH_CUDA=ON in $BUILD"
-else
-  SRC="$BUILD/wrapper"
-  mkdir -p "$SRC"
-  cat >"$SRC/CMakeLists.txt" <<EOF
-cmake_minimum_required(VERSION 3.26)
-project(opcm_cuda_check LANGUAGES CXX)
-find_package(Python 3.10 REQUIRED COMPONENTS Interpreter Development.Module)
-find_package(pybind11 CONFIG REQUIRED)
-include("$REPO/csrc/cuda.cmake")
-EOF
-  say "no top-level CMakeLists.txt yet: configure a wrapper including csrc/cuda.cmake in $BUILD"
-fi
-
-cmake -S "$SRC" -B "$BUILD/cmake" "${GEN[@]}" "${ARCH[@]}" \
+# CMake finds cuSOLVER/cuBLAS itself: the pip wheels of nvcc's CUDA major version
+# (opcm_ext/_cuda_wheels.py), else the toolkit.
+say "configure the project with OPCM_WITH_CUDA=ON in $BUILD"
+cmake -S "$REPO" -B "$BUILD/cmake" "${GEN[@]}" "${ARCH[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
   -Dpybind11_DIR="$PYBIND11_DIR" \
   -DOPCM_WITH_CUDA=ON \
   -DOPCM_CUDA_WERROR=ON \
-  -DOPCM_CUDA_INCLUDE_HINTS="$INC_HINTS" \
-  -DOPCM_CUDA_LIB_HINTS="$LIB_HINTS" \
-  -DOPCM_MODULE_OUTPUT_DIR="$OUT" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$OUT" \
   || fail "CMake configure failed"
+# The $ORIGIN-relative run path of this CUDA family's wheels, as CMake was told it.
+FAMILY_RPATH="$(sed -n 's/^set(OPCM_WHEEL_RPATH "\([^;"]*\).*/\1/p' "$BUILD/cmake/opcm_wheels.cmake")"
+[[ -n "$FAMILY_RPATH" ]] || fail "CMake did not record the wheels' run path (opcm_wheels.cmake)"
 
 say "build (warnings are errors)"
 cmake --build "$BUILD/cmake" --target _cuda --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
@@ -115,7 +79,11 @@ grep -q '^libcudart\.so' <<<"$NEEDED" || fail "the module does not link the shar
 if grep -Eq '^lib(torch|c10)' <<<"$NEEDED"; then fail "the module links libtorch"; fi
 DYN="$(readelf -d "$MOD")"
 grep -E 'RUNPATH|RPATH' <<<"$DYN" || fail "the module has no RUNPATH"
-grep -q 'ORIGIN/../nvidia/cu13/lib' <<<"$DYN" || fail "RUNPATH lacks \$ORIGIN/../nvidia/cu13/lib"
+grep -qF "$FAMILY_RPATH" <<<"$DYN" || fail "RUNPATH lacks $FAMILY_RPATH"
+# cusolverDnXsyevBatched is looked up at run time (older cuSOLVERs lack it), never linked.
+if nm -D --undefined-only "$MOD" | grep -q 'cusolverDnXsyevBatched'; then
+  fail "the module links cusolverDnXsyevBatched directly (it must load next to cuSOLVER < 11.7.2)"
+fi
 if grep -Eq 'path: \[:|::|:\]' <<<"$DYN"; then
   fail "RUNPATH has an empty entry (the current directory)"
 fi
@@ -159,10 +127,10 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location("_cuda", sys.argv[1])
 c = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(c)
-info = c.build_info()
-print("build_info:", info)
-names = ["deltas", "sigma_update", "finalize", "mask_projection", "sumsq",
-         "svd_workspace_size", "batched_thin_svd", "build_info"]
+print("build_info:", c.build_info())
+print("runtime_info:", c.runtime_info())  # versions of the libraries loaded; no GPU needed
+names = ["deltas", "sigma_update", "finalize", "mask_projection", "sumsq", "svd_workspace_size",
+         "batched_thin_svd", "init_handles", "build_info", "runtime_info", "_set_svd_path"]
 missing = [n for n in names if not hasattr(c, n)]
 if missing:
     sys.exit(f"missing functions: {missing}")

@@ -1,14 +1,16 @@
-"""Loads the compiled kernels (``opcm_ext._C``, ``opcm_ext._cuda``) and says what is available.
+"""Loads the compiled kernels (``opcm_ext._C``, ``opcm_ext._cuda``) and the CUDA libraries that match torch.
 
-Importing this module never fails: a module that cannot be loaded is recorded with the
-reason, and ``cpu()`` / ``cuda()`` raise :class:`~opcm_ext.errors.BackendError` naming the
-fix only when a missing kernel is actually called.
+Importing this module never fails and never imports torch: a module that cannot be loaded is
+recorded with the reason, and ``cpu()`` / ``cuda()`` raise :class:`~opcm_ext.errors.BackendError`
+naming the fix only when a kernel is actually asked for.
 
-``_cuda`` is loaded at import when torch sees a GPU, else on first use. Before it is
-imported, torch is imported and the NVIDIA pip wheels' shared
-libraries (``site-packages/nvidia/cu13/lib``, or ``nvidia/<lib>/lib`` for CUDA 12 wheels)
-are preloaded with ``RTLD_GLOBAL``, so ``_cuda`` resolves libcudart / libcusolver /
-libcublas / libcusparse / libnvJitLink from the same files torch uses.
+``_cuda`` is loaded on first use, and only for a CUDA build of torch. The CUDA family (the major
+version) follows ``torch.version.cuda``: ``_cuda`` must have been built for it (its ``libcudart``
+soname says so), and the NVIDIA pip wheels' libraries of that family alone
+(``site-packages/nvidia/cu13/lib`` for CUDA 13, ``nvidia/<lib>/lib`` for CUDA 12;
+:mod:`opcm_ext._cuda_wheels`) are preloaded with ``RTLD_GLOBAL`` before the import, so ``_cuda``
+binds cuSOLVER/cuBLAS to the same cuSPARSE/nvJitLink/cudart as torch. A library of another
+major version is refused with an error, never loaded in its place.
 """
 
 from __future__ import annotations
@@ -16,67 +18,137 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
-import os
 import re
+import struct
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
+from . import _cuda_wheels
 from .errors import BackendError
 
-__all__ = ["available", "cpu", "cuda", "has_cpu", "has_cuda"]
+__all__ = [
+    "FAMILY_SONAMES",
+    "available",
+    "cpu",
+    "cuda",
+    "cuda_family",
+    "has_cpu",
+    "has_cuda",
+    "loaded_library_paths",
+    "module_cuda_family",
+    "preload",
+]
 
-# Load order matters: each library's dependencies come before it.
-_NVIDIA_LIBS = (
-    ("cuda_runtime", "libcudart"),
-    ("nvjitlink", "libnvJitLink"),
-    ("cusparse", "libcusparse"),
-    ("cublas", "libcublasLt"),
-    ("cublas", "libcublas"),
-    ("cusolver", "libcusolver"),
-)
+#: Per CUDA family, the soname major version of each library _cuda needs, in load order
+#: (dependencies first). cuSOLVER and cuSPARSE do not follow the CUDA major version.
+FAMILY_SONAMES: dict[int, dict[str, int]] = {
+    12: {"libcudart": 12, "libnvJitLink": 12, "libcusparse": 12, "libcublasLt": 12, "libcublas": 12,
+         "libcusolver": 11},
+    13: {"libcudart": 13, "libnvJitLink": 13, "libcusparse": 12, "libcublasLt": 13, "libcublas": 13,
+         "libcusolver": 12},
+}
+_WHEELS = {12: "nvidia-cusolver-cu12 nvidia-cublas-cu12", 13: "nvidia-cusolver nvidia-cublas"}
 
 _CPU_FIX = (
-    "reinstall with `pip install .` (in a checkout: `pip install -e . --no-build-isolation`) so the "
-    "CPU kernels are compiled, or run with OPCM_BACKEND=torch to use the plain torch ops"
-)
-_CUDA_FIX = (
-    "reinstall on a machine with nvcc and the CUDA libraries: `OPCM_WITH_CUDA=ON pip install .` "
-    "(`pip install nvidia-cusolver nvidia-cublas` provides cuSOLVER/cuBLAS), or merge with --device cpu"
+    "reinstall so the CPU kernels are compiled: `pip install .` (in a checkout: "
+    "`pip install -e . --no-build-isolation`), or choose backend='torch'"
 )
 
 
-def _nvidia_lib_dirs() -> list[Path]:
-    """Library folders of the NVIDIA pip wheels visible to this interpreter."""
+def _cuda_fix(family: int | None) -> str:
+    cuda = f"CUDA {family}" if family else "the CUDA version of your torch"
+    return (f"reinstall on a machine with nvcc for {cuda} and its libraries: `OPCM_WITH_CUDA=ON pip install "
+            f"--no-build-isolation .` (`pip install {_WHEELS.get(family or 13, _WHEELS[13])}` provides "
+            "cuSOLVER/cuBLAS), or merge with device='cpu' or backend='torch'")
+
+
+def cuda_family(torch_cuda: str | None) -> int | None:
+    """The CUDA major version of a torch build ('12.4' -> 12); None for a CPU-only torch."""
+    if not torch_cuda:
+        return None
+    m = re.match(r"(\d+)\.", str(torch_cuda) + ".")
+    return int(m.group(1)) if m else None
+
+
+def module_cuda_family(path: str | Path) -> int | None:
+    """The CUDA major version a compiled module was linked for, from its ``libcudart.so.N`` (ELF)."""
+    for name in _elf_needed(Path(path)):
+        m = re.fullmatch(r"libcudart\.so\.(\d+)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _elf_needed(path: Path) -> list[str]:
+    """DT_NEEDED entries of a 64-bit little-endian ELF shared object ([] when it is not one)."""
     try:
-        import nvidia  # type: ignore[import-not-found]
-    except ImportError:
+        data = path.read_bytes()
+        if data[:6] != b"\x7fELF\x02\x01":
+            return []
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQII", data, shoff + i * shentsize) for i in range(shnum)]
+        out: list[str] = []
+        for _, kind, _, _, off, size, link, _ in sections:
+            if kind != 6:  # SHT_DYNAMIC
+                continue
+            strtab = sections[link][4]
+            for i in range(off, off + size, 16):
+                tag, val = struct.unpack_from("<qQ", data, i)
+                if tag == 1:  # DT_NEEDED
+                    out.append(data[strtab + val:data.index(b"\0", strtab + val)].decode())
+        return out
+    except (OSError, struct.error, IndexError, ValueError):
         return []
-    dirs: list[Path] = []
-    for root in map(Path, getattr(nvidia, "__path__", [])):
-        dirs += sorted(p / "lib" for p in root.glob("cu[0-9]*"))
-        dirs += [root / pkg / "lib" for pkg, _ in _NVIDIA_LIBS]
-    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
 
-def _preload_nvidia_libs() -> list[str]:
-    """dlopen the wheels' CUDA libraries with RTLD_GLOBAL; returns the paths loaded."""
+def preload(family: int, lib_dirs: list[Path] | None = None,
+            dlopen: Callable[[str], Any] | None = None) -> list[str]:
+    """dlopen (RTLD_GLOBAL) the libraries of one CUDA family found in its wheel folders; their paths.
+
+    A library found only with another soname major (another CUDA family) is a BackendError, as is
+    one that fails to load; one found nowhere is left to the dynamic linker (a toolkit install).
+    """
+    if family not in FAMILY_SONAMES:
+        raise BackendError(f"CUDA {family} is not supported (torch's CUDA family); opcm_ext._cuda builds for "
+                           f"CUDA {' and '.join(map(str, FAMILY_SONAMES))}.")
+    dirs = _cuda_wheels.wheel_dirs(family)[1] if lib_dirs is None else lib_dirs
+    load = dlopen or (lambda p: ctypes.CDLL(p, mode=ctypes.RTLD_GLOBAL))
     loaded: list[str] = []
-    dirs = _nvidia_lib_dirs()
-    for _, stem in _NVIDIA_LIBS:
-        pattern = re.compile(re.escape(stem) + r"\.so(\.\d+)*$")
-        for d in dirs:
-            hits = sorted(p for p in d.iterdir() if pattern.match(p.name))
-            if not hits:
-                continue
-            try:
-                ctypes.CDLL(str(hits[0]), mode=ctypes.RTLD_GLOBAL)
-                loaded.append(str(hits[0]))
-            except OSError:
-                continue
-            break
+    for stem, major in FAMILY_SONAMES[family].items():
+        want = f"{stem}.so.{major}"
+        hits = [d / want for d in dirs if (d / want).exists()]
+        if not hits:
+            others = sorted(p.name for d in dirs for p in d.glob(f"{stem}.so.*"))
+            if others:
+                raise BackendError(
+                    f"torch uses CUDA {family}, which needs {want}, but {', '.join(map(str, dirs))} hold(s) only "
+                    f"{', '.join(others)} (another CUDA major version); fix: `pip install {_WHEELS[family]}`.")
+            continue
+        try:
+            load(str(hits[0]))
+        except OSError as e:
+            raise BackendError(f"cannot load {hits[0]} ({e}); fix: reinstall it (`pip install --force-reinstall "
+                               f"{_WHEELS[family]}`).") from e
+        loaded.append(str(hits[0]))
     return loaded
+
+
+def loaded_library_paths(stems: tuple[str, ...] = ("libcudart", "libcusolver", "libcublas")) -> dict[str, str]:
+    """Where each named shared library mapped in this process comes from (Linux /proc/self/maps)."""
+    found: dict[str, str] = {}
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return found
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        for stem in stems:
+            if stem not in found and re.search(re.escape(stem) + r"\.so[.\d]*$", path):
+                found[stem] = path
+    return found
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -88,54 +160,56 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 
 _C, _C_error = _load("_C")
 
-# _cuda is loaded on first use: preloading the CUDA libraries costs ~0.1 s and ~200 MB
-# of mapped memory, which a CPU-only merge should not pay.
 _cuda: ModuleType | None = None
 _cuda_error: str | None = None
 _cuda_tried = False
+_cuda_family: int | None = None
 _preloaded: list[str] = []
-
-
 _cuda_lock = threading.Lock()
 
 
 def _load_cuda() -> ModuleType | None:
-    global _cuda, _cuda_error, _cuda_tried, _preloaded
+    global _cuda, _cuda_error, _cuda_tried
     with _cuda_lock:
         if not _cuda_tried:
             _cuda_tried = True
-            _cuda, _cuda_error, _preloaded = _try_cuda()
+            _cuda, _cuda_error = _try_cuda()
     return _cuda
 
 
-def _try_cuda() -> tuple[ModuleType | None, str | None, list[str]]:
-    if importlib.util.find_spec(f"{__package__}._cuda") is None:
-        return None, "opcm_ext._cuda was not built (no CUDA toolkit at install time, or OPCM_WITH_CUDA=OFF)", []
-    if os.environ.get("OPCM_DISABLE_CUDA", "") not in ("", "0"):
-        return None, "disabled by OPCM_DISABLE_CUDA", []
-    import torch  # noqa: F401  (its CUDA wheels load libcudart & co. first)
+def _try_cuda() -> tuple[ModuleType | None, str | None]:
+    global _cuda_family, _preloaded
+    spec = importlib.util.find_spec(f"{__package__}._cuda")
+    if spec is None or spec.origin is None:
+        return None, "opcm_ext._cuda was not built (no CUDA toolkit at install time, or OPCM_WITH_CUDA=OFF)"
+    import torch  # its CUDA libraries load first
 
-    preloaded = _preload_nvidia_libs()
+    _cuda_family = family = cuda_family(torch.version.cuda)
+    if family is None:
+        return None, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+    built = module_cuda_family(spec.origin)
+    if built is not None and built != family:
+        return None, (f"opcm_ext._cuda was built for CUDA {built} but torch {torch.__version__} uses CUDA "
+                      f"{torch.version.cuda}")
+    try:
+        _preloaded = preload(family)
+    except BackendError as e:
+        return None, str(e)
     mod, err = _load("_cuda")
-    return mod, err, preloaded
-
-
-# With a GPU visible, load _cuda now (so `import opcm_ext._cuda` after this module works
-# too); on CPU-only machines only when a CUDA kernel or available() is asked for.
-import torch as _torch  # noqa: E402
-
-if _torch.cuda.is_available():
-    _load_cuda()
+    if err and "cusolverDnXsyevBatched" in err:
+        err += " (cuSOLVER older than the headers it was built with; upgrade the cuSOLVER wheel)"
+    return mod, err
 
 
 def available() -> dict[str, Any]:
-    """What loaded: ``{"cpu": bool, "cuda": bool, "cpu_error": str|None, "cuda_error": str|None, "preloaded": [...]}``."""
+    """What loaded: cpu/cuda (bool), cpu_error/cuda_error (str|None), cuda_family, preloaded (paths)."""
     _load_cuda()
     return {
         "cpu": _C is not None,
         "cuda": _cuda is not None,
         "cpu_error": _C_error,
         "cuda_error": _cuda_error,
+        "cuda_family": _cuda_family,
         "preloaded": list(_preloaded),
     }
 
@@ -158,7 +232,8 @@ def cpu() -> ModuleType:
 
 
 def cuda() -> ModuleType:
-    """The CUDA kernel module; BackendError with the fix when it is missing."""
+    """The CUDA kernel module; BackendError with the cause and the fix when it cannot be loaded."""
     if _load_cuda() is None:
-        raise BackendError(f"the CUDA kernels (opcm_ext._cuda) are not available ({_cuda_error}); fix: {_CUDA_FIX}.")
-    return _cuda
+        raise BackendError(f"the CUDA kernels (opcm_ext._cuda) are not available ({_cuda_error}); "
+                           f"fix: {_cuda_fix(_cuda_family)}.")
+    return _cuda  # type: ignore[return-value]

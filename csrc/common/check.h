@@ -1,15 +1,26 @@
-// Argument checks at the entry of every kernel: a failed check throws
-// std::invalid_argument (a Python ValueError through pybind11) whose message names
-// the function and the argument, e.g.
-//   "opcm_ext._C.deltas: argument 'n' must be >= 0 (got -3)".
+// Argument checks and scalar helpers shared by the CPU (_C) and CUDA (_cuda) kernels.
+//
+// One message format for every bad argument, a std::invalid_argument (a Python
+// ValueError through pybind11) naming the function and the argument:
+//   "opcm_ext._C.deltas: argument 'n' must be >= 0 (got -3)"
+// Library failures (CUDA, cuBLAS, cuSOLVER) are std::runtime_error, see cuda_check.cuh.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
 namespace opcm {
+
+// Raw addresses cross the binding as Python ints (tensor.data_ptr()).
+using addr_t = std::uintptr_t;
+
+template <typename T>
+inline T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
+
+inline bool aligned_to(addr_t p, addr_t bytes) { return p % bytes == 0; }
 
 template <typename... Parts>
 [[noreturn]] inline void throw_argument_error(const char* fn, const char* arg, const Parts&... parts) {
@@ -19,19 +30,17 @@ template <typename... Parts>
   throw std::invalid_argument(os.str());
 }
 
-template <typename... Parts>
-[[noreturn]] inline void throw_runtime_error(const char* fn, const Parts&... parts) {
-  std::ostringstream os;
-  os << fn << ": ";
-  (os << ... << parts);
-  throw std::runtime_error(os.str());
+// A scale factor as the float32 the kernels compute with: finite, and non-zero
+// when it divides.
+inline float checked_scale(double v, const char* fn, const char* arg, bool nonzero) {
+  const float f = static_cast<float>(v);
+  if (!std::isfinite(f) || (nonzero && f == 0.0f)) {
+    throw_argument_error(fn, arg, nonzero ? "must be finite and non-zero in float32 (got "
+                                          : "must be finite in float32 (got ",
+                         v, ")");
+  }
+  return f;
 }
-
-// Raw addresses cross the binding as Python ints.
-using addr_t = std::uintptr_t;
-
-template <typename T>
-inline T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
 
 }  // namespace opcm
 
@@ -46,3 +55,7 @@ inline T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
   OPCM_CHECK_ARG((ptr) != 0 || (n) == 0, fn, arg, "is a null address but n = ", (n), " elements are needed")
 
 #define OPCM_CHECK_SIZE(n, fn, arg) OPCM_CHECK_ARG((n) >= 0, fn, arg, "must be >= 0 (got ", (n), ")")
+
+// An address aligned to `bytes` (the element size, or 8 for float64 sums).
+#define OPCM_CHECK_ALIGNED(ptr, bytes, fn, arg) \
+  OPCM_CHECK_ARG(::opcm::aligned_to((ptr), (bytes)), fn, arg, "is not aligned to ", (bytes), " bytes")

@@ -8,6 +8,8 @@
 // the branch-free FP16 library algorithms that c10::Half uses, so results match
 // torch's `.to(torch.float16)` / `.float()` bit for bit. They rely on IEEE float
 // arithmetic in the default rounding mode: never compile them with -ffast-math.
+// (The CUDA kernels load and store 16-bit values with the hardware conversions of
+// common/device.cuh, which round the same way.)
 #pragma once
 
 #include <cstdint>
@@ -23,14 +25,16 @@
 
 namespace opcm {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Plain (unscoped) so that the codes compare with the ints that cross the binding.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-inline bool valid_dtype(int code) { return code >= 0 && code <= 2; }
+inline bool valid_dtype(int code) { return code >= kFloat32 && code <= kBFloat16; }
+inline int dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
 inline const char* dtype_name(int code) {
   switch (code) {
-    case 0: return "float32";
-    case 1: return "float16";
-    case 2: return "bfloat16";
+    case kFloat32: return "float32";
+    case kFloat16: return "float16";
+    case kBFloat16: return "bfloat16";
     default: return "unknown";
   }
 }

@@ -1,15 +1,11 @@
-// Projection masking (CUDA): the P -> Q step of the spec's cheap exact form.
+// Projection mask (CUDA, opcm_ext._cuda). Contract: project.h.
 //
-// P, Q: [batch, k, k] fp32 row-major; r, keep: int64[batch] device arrays.
-//   Q[b, i, j] = P[b, i, j]   if i < r[b] and j < r[b]        (the U_r^T T V_r block)
-//   Q[b, i, i] = P[b, i, i]   if r[b] <= i < keep[b]          (the d_i terms, i >= r)
-//   Q[b, i, j] = 0            otherwise
 // One block per row (b, i) in a grid-stride loop over rows, threads over j,
 // so the row's index math is done once per block.
 #include <cstdint>
 
-#include "../cuda_common/device.cuh"
-#include "../cuda_common/ops.h"
+#include "common/device.cuh"
+#include "project/project.h"
 
 namespace opcm::cuda {
 namespace {
@@ -39,17 +35,18 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void mask_projection(std::uintptr_t p, std::uintptr_t r, std::uintptr_t keep, std::int64_t batch,
-                     std::int64_t k, std::uintptr_t q, std::uintptr_t stream) {
-  OPCM_CUDA_ARG_CHECK(batch >= 0, "batch must be >= 0, got " << batch);
-  OPCM_CUDA_ARG_CHECK(k >= 0, "k must be >= 0, got " << k);
+void mask_projection(addr_t p, addr_t r, addr_t keep, std::int64_t batch, std::int64_t k, addr_t q,
+                     addr_t stream) {
+  constexpr const char* fn = "opcm_ext._cuda.mask_projection";
+  OPCM_CHECK_SIZE(batch, fn, "batch");
+  OPCM_CHECK_SIZE(k, fn, "k");
   if (batch == 0 || k == 0) return;
-  OPCM_CUDA_ARG_CHECK(aligned_to(p, 4) && aligned_to(q, 4),
-                      "p_ptr and q_ptr must be 4-byte aligned (float32)");
-  OPCM_CUDA_ARG_CHECK(aligned_to(r, 8) && aligned_to(keep, 8),
-                      "r_ptr and keep_ptr must be 8-byte aligned (int64)");
+  OPCM_CHECK_ALIGNED(p, 4, fn, "p_ptr");
+  OPCM_CHECK_ALIGNED(q, 4, fn, "q_ptr");
+  OPCM_CHECK_ALIGNED(r, 8, fn, "r_ptr");
+  OPCM_CHECK_ALIGNED(keep, 8, fn, "keep_ptr");
   const NamedPtr ptrs[] = {{p, "p_ptr"}, {r, "r_ptr"}, {keep, "keep_ptr"}, {q, "q_ptr"}};
-  DeviceGuard guard(common_device(ptrs));
+  DeviceGuard guard(common_device(fn, ptrs));
   const std::int64_t rows = batch * k;
   const std::int64_t cap = static_cast<std::int64_t>(sm_count()) * 16;
   const unsigned blocks = static_cast<unsigned>(rows < cap ? rows : cap);

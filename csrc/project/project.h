@@ -1,4 +1,14 @@
-// Host entry point of the CPU projection mask (opcm_ext._C).
+// The projection mask: the one statement of its contract, implemented by
+// project_cpu.cpp (opcm_ext._C) and mask.cu (opcm_ext._cuda).
+//
+// mask_projection: P, Q: [batch, k, k] fp32 row-major; r, keep: int64[batch].
+//   Q[i,j] = P[i,j] if i < r and j < r;  Q[i,i] = P[i,i] if r <= i < keep;
+//   every other entry +0.
+// With P = U^T T V this makes T' = T - U Q V^T the cheap exact OPCM projection
+// (opcm_ext/ops.py: project), with the triplets i >= keep (sigma ~ 0) dropped.
+// Requires 0 <= r[b] <= k and 0 <= keep[b] <= k (checked on the CPU, where r and
+// keep are host memory; on CUDA they are device memory). Q may alias P. The
+// CUDA launcher takes the stream last and runs on the device owning P.
 #pragma once
 
 #include <cstdint>
@@ -6,12 +16,10 @@
 #include "common/check.h"
 
 namespace opcm::cpu {
-
-// P, Q: [batch, k, k] fp32 row-major; r, keep: int64[batch].
-// Q[i,j] = P[i,j] if i < r and j < r; Q[i,i] = P[i,i] if r <= i < keep; every
-// other entry 0. With P = U^T T V this makes T' = T - U Q V^T the spec's cheap
-// exact projection, with the triplets i >= keep (sigma ~ 0) dropped.
-// Requires 0 <= r[b] <= k and 0 <= keep[b] <= k. Q may alias P.
 void mask_projection(addr_t p, addr_t r, addr_t keep, std::int64_t batch, std::int64_t k, addr_t q);
-
 }  // namespace opcm::cpu
+
+namespace opcm::cuda {
+void mask_projection(addr_t p, addr_t r, addr_t keep, std::int64_t batch, std::int64_t k, addr_t q,
+                     addr_t stream);
+}  // namespace opcm::cuda

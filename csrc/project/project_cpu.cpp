@@ -1,4 +1,4 @@
-// CPU projection mask: Q = mask(P) for the cheap exact OPCM projection.
+// CPU projection mask (opcm_ext._C). Contract: project.h.
 #include "project/project.h"
 
 #include <algorithm>

@@ -1,11 +1,11 @@
-#include "solver_context.cuh"
+#include "svd/solver_context.cuh"
 
 #include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
-#include "../cuda_common/check.cuh"
+#include "common/cuda_check.cuh"
 
 namespace opcm::cuda {
 namespace {
@@ -27,6 +27,7 @@ std::unique_ptr<SolverContext> create_context(int device) {
   OPCM_CUSOLVER_CHECK(cusolverDnCreate(&ctx->solver));
   OPCM_CUSOLVER_CHECK(cusolverDnCreateParams(&ctx->params));
   OPCM_CUSOLVER_CHECK(cusolverDnCreateGesvdjInfo(&ctx->gesvdj));
+  OPCM_CUDA_CHECK(cudaMalloc(&ctx->dummy, kDummyBytes));
   OPCM_CUDA_CHECK(cudaEventCreateWithFlags(&ctx->fork, cudaEventDisableTiming));
   return ctx;
 }
@@ -39,6 +40,7 @@ void SolverContext::ensure_slots(int n) {
     OPCM_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
     OPCM_CUSOLVER_CHECK(cusolverDnCreate(&s.solver));
     OPCM_CUSOLVER_CHECK(cusolverDnSetStream(s.solver, s.stream));
+    OPCM_CUSOLVER_CHECK(cusolverDnCreateParams(&s.params));
     OPCM_CUSOLVER_CHECK(cusolverDnCreateGesvdjInfo(&s.gesvdj));
     OPCM_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
     slots.push_back(s);

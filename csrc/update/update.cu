@@ -1,6 +1,6 @@
-// Fused element-wise passes of the OPCM step (CUDA): task-vector deltas with
-// their squared norms, the Sigma update with its squared norm, the final
-// rescale-and-cast, and a plain sum of squares.
+// Fused element-wise passes of the OPCM step (CUDA, opcm_ext._cuda): task-vector
+// deltas with their squared norms, the Sigma update with its squared norm, the
+// final rescale-and-cast, and a plain sum of squares. Contract: update.h.
 //
 // All kernels are grid-stride loops that move 4 elements per thread and
 // iteration (float4 / 4 x 16 bit) when every pointer is aligned to 4
@@ -12,8 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../cuda_common/device.cuh"
-#include "../cuda_common/ops.h"
+#include "common/device.cuh"
+#include "update/update.h"
 
 namespace opcm::cuda {
 namespace {
@@ -150,61 +150,49 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------ host helpers
 
+constexpr const char* kDeltas = "opcm_ext._cuda.deltas";
+constexpr const char* kSigmaUpdate = "opcm_ext._cuda.sigma_update";
+constexpr const char* kFinalize = "opcm_ext._cuda.finalize";
+constexpr const char* kSumsq = "opcm_ext._cuda.sumsq";
+
 // A stored array can be read 4 elements at a time iff its address is a
 // multiple of 4 elements.
-bool quad_aligned(std::uintptr_t p, int dt) {
-  return aligned_to(p, static_cast<std::uintptr_t>(4 * dtype_size(dt)));
+bool quad_aligned(addr_t p, int dt) { return aligned_to(p, static_cast<addr_t>(4 * dtype_size(dt))); }
+
+void check_elem_aligned(addr_t p, int dt, const char* fn, const char* arg) {
+  OPCM_CHECK_ALIGNED(p, static_cast<addr_t>(dtype_size(dt)), fn, arg);
 }
 
-void check_dtype(int dt, const char* name) {
-  OPCM_CUDA_ARG_CHECK(valid_dtype(dt), name << " must be 0 (float32), 1 (float16) or 2 (bfloat16), got "
-                                            << dt);
-}
-
-void check_elem_aligned(std::uintptr_t p, int dt, const char* name) {
-  OPCM_CUDA_ARG_CHECK(aligned_to(p, static_cast<std::uintptr_t>(dtype_size(dt))),
-                      name << " is not aligned to its element size (" << dtype_name(dt) << ")");
-}
-
-// The scale as the float32 the kernels use: finite (and non-zero for a divisor).
-float checked_scale(double v, const char* name, bool nonzero) {
-  const float f = static_cast<float>(v);
-  OPCM_CUDA_ARG_CHECK(std::isfinite(f) && (!nonzero || f != 0.0f),
-                      name << " must be finite" << (nonzero ? " and non-zero" : "")
-                           << " in float32, got " << v);
-  return f;
-}
-
-void check_sums(std::uintptr_t sums) {
-  OPCM_CUDA_ARG_CHECK(sums != 0, "sums_ptr is a null pointer");
-  OPCM_CUDA_ARG_CHECK(aligned_to(sums, 8), "sums_ptr must be 8-byte aligned (float64)");
+void check_sums(addr_t sums, const char* fn) {
+  OPCM_CHECK_ARG(sums != 0, fn, "sums_ptr", "is a null address");
+  OPCM_CHECK_ALIGNED(sums, 8, fn, "sums_ptr");
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------- entries
 
-void deltas(std::uintptr_t base, int base_dtype, std::uintptr_t merged, int merged_dtype,
-            std::uintptr_t new_, int new_dtype, std::uintptr_t out_m, std::uintptr_t out_t,
-            std::int64_t n, std::uintptr_t sums, std::uintptr_t stream) {
-  OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
-  check_dtype(base_dtype, "base_dtype");
-  check_dtype(new_dtype, "new_dtype");
+void deltas(addr_t base, int base_dtype, addr_t merged, int merged_dtype,
+            addr_t new_, int new_dtype, addr_t out_m, addr_t out_t,
+            std::int64_t n, addr_t sums, addr_t stream) {
+  OPCM_CHECK_SIZE(n, kDeltas, "n");
+  OPCM_CHECK_DTYPE(base_dtype, kDeltas, "base_dtype");
+  OPCM_CHECK_DTYPE(new_dtype, kDeltas, "new_dtype");
   if (merged != 0) {
-    check_dtype(merged_dtype, "merged_dtype");
-    OPCM_CUDA_ARG_CHECK(out_m != 0, "out_m_ptr is a null pointer but merged_ptr is given");
+    OPCM_CHECK_DTYPE(merged_dtype, kDeltas, "merged_dtype");
+    OPCM_CHECK_ARG(out_m != 0, kDeltas, "out_m_ptr", "is a null address but merged_ptr is given");
   }
-  check_sums(sums);
+  check_sums(sums, kDeltas);
   if (n == 0) return;
-  check_elem_aligned(base, base_dtype, "base_ptr");
-  check_elem_aligned(new_, new_dtype, "new_ptr");
-  if (merged != 0) check_elem_aligned(merged, merged_dtype, "merged_ptr");
-  check_elem_aligned(out_t, kFloat32, "out_t_ptr");
-  if (merged != 0) check_elem_aligned(out_m, kFloat32, "out_m_ptr");
+  check_elem_aligned(base, base_dtype, kDeltas, "base_ptr");
+  check_elem_aligned(new_, new_dtype, kDeltas, "new_ptr");
+  if (merged != 0) check_elem_aligned(merged, merged_dtype, kDeltas, "merged_ptr");
+  check_elem_aligned(out_t, kFloat32, kDeltas, "out_t_ptr");
+  if (merged != 0) check_elem_aligned(out_m, kFloat32, kDeltas, "out_m_ptr");
   const NamedPtr ptrs[] = {{base, "base_ptr"},   {merged, "merged_ptr"},
                            {new_, "new_ptr"},     {out_t, "out_t_ptr"},
                            {merged ? out_m : 0, "out_m_ptr"}, {sums, "sums_ptr"}};
-  DeviceGuard guard(common_device(ptrs));
+  DeviceGuard guard(common_device(kDeltas, ptrs));
   const bool vec = quad_aligned(base, base_dtype) && quad_aligned(new_, new_dtype) &&
                    aligned_to(out_t, 16) &&
                    (merged == 0 || (quad_aligned(merged, merged_dtype) && aligned_to(out_m, 16)));
@@ -216,17 +204,17 @@ void deltas(std::uintptr_t base, int base_dtype, std::uintptr_t merged, int merg
   OPCM_CUDA_CHECK_LAUNCH();
 }
 
-void sigma_update(std::uintptr_t m, std::uintptr_t tp, double lam_prev, std::uintptr_t out,
-                  std::int64_t n, std::uintptr_t sums, std::uintptr_t stream) {
-  OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
-  check_sums(sums);
-  const float lam = checked_scale(lam_prev, "lam_prev", false);
+void sigma_update(addr_t m, addr_t tp, double lam_prev, addr_t out,
+                  std::int64_t n, addr_t sums, addr_t stream) {
+  OPCM_CHECK_SIZE(n, kSigmaUpdate, "n");
+  check_sums(sums, kSigmaUpdate);
+  const float lam = checked_scale(lam_prev, kSigmaUpdate, "lam_prev", false);
   if (n == 0) return;
-  check_elem_aligned(m, kFloat32, "m_ptr");
-  check_elem_aligned(tp, kFloat32, "tp_ptr");
-  check_elem_aligned(out, kFloat32, "out_ptr");
+  check_elem_aligned(m, kFloat32, kSigmaUpdate, "m_ptr");
+  check_elem_aligned(tp, kFloat32, kSigmaUpdate, "tp_ptr");
+  check_elem_aligned(out, kFloat32, kSigmaUpdate, "out_ptr");
   const NamedPtr ptrs[] = {{m, "m_ptr"}, {tp, "tp_ptr"}, {out, "out_ptr"}, {sums, "sums_ptr"}};
-  DeviceGuard guard(common_device(ptrs));
+  DeviceGuard guard(common_device(kSigmaUpdate, ptrs));
   const bool vec = aligned_to(m, 16) && aligned_to(tp, 16) && aligned_to(out, 16);
   const std::int64_t items = vec ? (n + 3) / 4 : n;
   sigma_update_kernel<<<grid_for(items, kThreads), kThreads, 0, as_stream(stream)>>>(
@@ -235,18 +223,18 @@ void sigma_update(std::uintptr_t m, std::uintptr_t tp, double lam_prev, std::uin
   OPCM_CUDA_CHECK_LAUNCH();
 }
 
-void finalize(std::uintptr_t base, int base_dtype, std::uintptr_t sigma, double lam,
-              std::uintptr_t out, int out_dtype, std::int64_t n, std::uintptr_t stream) {
-  OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
-  check_dtype(base_dtype, "base_dtype");
-  check_dtype(out_dtype, "out_dtype");
-  const float lamf = checked_scale(lam, "lam", true);
+void finalize(addr_t base, int base_dtype, addr_t sigma, double lam,
+              addr_t out, int out_dtype, std::int64_t n, addr_t stream) {
+  OPCM_CHECK_SIZE(n, kFinalize, "n");
+  OPCM_CHECK_DTYPE(base_dtype, kFinalize, "base_dtype");
+  OPCM_CHECK_DTYPE(out_dtype, kFinalize, "out_dtype");
+  const float lamf = checked_scale(lam, kFinalize, "lam", true);
   if (n == 0) return;
-  check_elem_aligned(base, base_dtype, "base_ptr");
-  check_elem_aligned(sigma, kFloat32, "sigma_ptr");
-  check_elem_aligned(out, out_dtype, "out_ptr");
+  check_elem_aligned(base, base_dtype, kFinalize, "base_ptr");
+  check_elem_aligned(sigma, kFloat32, kFinalize, "sigma_ptr");
+  check_elem_aligned(out, out_dtype, kFinalize, "out_ptr");
   const NamedPtr ptrs[] = {{base, "base_ptr"}, {sigma, "sigma_ptr"}, {out, "out_ptr"}};
-  DeviceGuard guard(common_device(ptrs));
+  DeviceGuard guard(common_device(kFinalize, ptrs));
   const bool vec = quad_aligned(base, base_dtype) && aligned_to(sigma, 16) &&
                    quad_aligned(out, out_dtype);
   const std::int64_t items = vec ? (n + 3) / 4 : n;
@@ -256,15 +244,15 @@ void finalize(std::uintptr_t base, int base_dtype, std::uintptr_t sigma, double 
   OPCM_CUDA_CHECK_LAUNCH();
 }
 
-void sumsq(std::uintptr_t x, int dtype, std::int64_t n, std::uintptr_t sums,
-           std::uintptr_t stream) {
-  OPCM_CUDA_ARG_CHECK(n >= 0, "n must be >= 0, got " << n);
-  check_dtype(dtype, "dtype");
-  check_sums(sums);
+void sumsq(addr_t x, int dtype, std::int64_t n, addr_t sums,
+           addr_t stream) {
+  OPCM_CHECK_SIZE(n, kSumsq, "n");
+  OPCM_CHECK_DTYPE(dtype, kSumsq, "dtype");
+  check_sums(sums, kSumsq);
   if (n == 0) return;
-  check_elem_aligned(x, dtype, "x_ptr");
+  check_elem_aligned(x, dtype, kSumsq, "x_ptr");
   const NamedPtr ptrs[] = {{x, "x_ptr"}, {sums, "sums_ptr"}};
-  DeviceGuard guard(common_device(ptrs));
+  DeviceGuard guard(common_device(kSumsq, ptrs));
   const bool vec = quad_aligned(x, dtype);
   const std::int64_t items = vec ? (n + 3) / 4 : n;
   sumsq_kernel<<<grid_for(items, kThreads), kThreads, 0, as_stream(stream)>>>(

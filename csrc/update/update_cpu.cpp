@@ -1,5 +1,5 @@
-// CPU element-wise kernels: fused task vectors + norms, the Sigma update + norm,
-// and the final rescale + cast. See update.h for the contracts.
+// CPU element-wise kernels (opcm_ext._C): fused task vectors + norms, the Sigma
+// update + norm, the final rescale + cast, a sum of squares. Contract: update.h.
 #include "update/update.h"
 
 #include <cmath>
@@ -88,14 +88,6 @@ void finalize_impl(const TB* base, const float* sigma, float lam, TO* out, std::
   parallel_blocks(n, [&](std::int64_t b, std::int64_t e) {
     for (std::int64_t i = b; i < e; ++i) out[i] = from_float<TO>(to_float(base[i]) + sigma[i] / lam);
   });
-}
-
-float checked_scale(double v, const char* fn, const char* arg, bool nonzero) {
-  const float f = static_cast<float>(v);
-  OPCM_CHECK_ARG(std::isfinite(f) && (!nonzero || f != 0.0f), fn, arg,
-                 nonzero ? "must be finite and non-zero in float32 (got " : "must be finite in float32 (got ", v,
-                 ")");
-  return f;
 }
 
 }  // namespace

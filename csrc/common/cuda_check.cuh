@@ -2,8 +2,7 @@
 // call and every kernel launch goes through one of these macros. A failure
 // throws std::runtime_error("<file>:<line>: <library> error <NAME>: <text> in
 // `<expression>`"), which the pybind11 binding turns into a Python
-// RuntimeError. Argument errors use OPCM_CUDA_ARG_CHECK (std::invalid_argument
-// -> ValueError).
+// RuntimeError. Bad arguments use OPCM_CHECK_ARG (common/check.h).
 #pragma once
 
 #include <cublas_v2.h>
@@ -98,14 +97,3 @@ inline void check_cusolver(cusolverStatus_t st, const char* file, int line, cons
 // inside the kernel surface at the next synchronising call.
 #define OPCM_CUDA_CHECK_LAUNCH() \
   ::opcm::cuda::check_cuda(cudaGetLastError(), __FILE__, __LINE__, "kernel launch")
-
-// Argument validation at the entry of a host function: the message names the
-// argument; the binding turns std::invalid_argument into a Python ValueError.
-#define OPCM_CUDA_ARG_CHECK(cond, msg)                                     \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::ostringstream opcm_os_;                                         \
-      opcm_os_ << msg;                                                     \
-      throw std::invalid_argument(opcm_os_.str());                         \
-    }                                                                      \
-  } while (0)

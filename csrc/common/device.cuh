@@ -1,5 +1,5 @@
-// Shared host and device helpers of the CUDA backend: pointer validation and
-// the device guard, launch sizing, dtype loads/stores, block reductions.
+// Host and device helpers of the CUDA kernels: pointer validation and the
+// device guard, launch sizing, 16-bit loads/stores, block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,72 +8,52 @@
 
 #include <cstdint>
 
-#include "check.cuh"
-#include "ops.h"
+#include "common/check.h"
+#include "common/cuda_check.cuh"
+#include "common/dtype.h"
 
 namespace opcm::cuda {
 
 // ---------------------------------------------------------------- host side
 
-inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+inline cudaStream_t as_stream(addr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-template <typename T>
-inline T* as_ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-inline bool valid_dtype(int dt) { return dt == kFloat32 || dt == kFloat16 || dt == kBFloat16; }
-
-inline int dtype_size(int dt) { return dt == kFloat32 ? 4 : 2; }
-
-inline const char* dtype_name(int dt) {
-  switch (dt) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    default: return "<invalid>";
-  }
-}
-
-// The device that owns `p`; throws std::invalid_argument naming `name` when
-// `p` is not CUDA device (or managed) memory.
-inline int device_of(std::uintptr_t p, const char* name) {
-  OPCM_CUDA_ARG_CHECK(p != 0, name << " is a null pointer");
+// The device that owns `p`; a bad-argument error naming `arg` of `fn` when `p`
+// is not CUDA device (or managed) memory.
+inline int device_of(addr_t p, const char* fn, const char* arg) {
+  OPCM_CHECK_ARG(p != 0, fn, arg, "is a null address");
   cudaPointerAttributes attr{};
   const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(p));
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it
-    OPCM_CUDA_ARG_CHECK(false, name << " (0x" << std::hex << p << std::dec
-                                    << ") is not a CUDA pointer: " << cudaGetErrorString(err));
+    OPCM_CHECK_ARG(false, fn, arg, "is not a CUDA pointer: ", cudaGetErrorString(err));
   }
-  OPCM_CUDA_ARG_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-                      name << " (0x" << std::hex << p << std::dec
-                           << ") is not CUDA device memory (host or unregistered memory)");
+  OPCM_CHECK_ARG(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged, fn, arg,
+                 "is not CUDA device memory (host or unregistered memory)");
   return attr.device;
 }
 
-// Checks that every non-null pointer in `ptrs` lives on the device of the
-// first one and returns that device.
+// Checks that every non-null pointer lives on the device of the first one and
+// returns that device.
 struct NamedPtr {
-  std::uintptr_t p;
+  addr_t p;
   const char* name;
 };
 template <std::size_t N>
-inline int common_device(const NamedPtr (&ptrs)[N]) {
+inline int common_device(const char* fn, const NamedPtr (&ptrs)[N]) {
   int dev = -1;
   const char* first = nullptr;
   for (const NamedPtr& np : ptrs) {
     if (np.p == 0) continue;
-    const int d = device_of(np.p, np.name);
+    const int d = device_of(np.p, fn, np.name);
     if (dev < 0) {
       dev = d;
       first = np.name;
     } else {
-      OPCM_CUDA_ARG_CHECK(d == dev, np.name << " is on cuda:" << d << " but " << first
-                                            << " is on cuda:" << dev);
+      OPCM_CHECK_ARG(d == dev, fn, np.name, "is on cuda:", d, " but ", first, " is on cuda:", dev);
     }
   }
-  OPCM_CUDA_ARG_CHECK(dev >= 0, "no device pointer given");
+  OPCM_CHECK_ARG(dev >= 0, fn, ptrs[0].name, "is a null address (no device pointer given)");
   return dev;
 }
 
@@ -120,8 +100,6 @@ inline unsigned grid_for(std::int64_t work_items, int threads, int blocks_per_sm
   if (g < 1) g = 1;
   return static_cast<unsigned>(g);
 }
-
-inline bool aligned_to(std::uintptr_t p, std::uintptr_t bytes) { return p % bytes == 0; }
 
 // -------------------------------------------------------------- device side
 
