@@ -1,22 +1,26 @@
-"""The public API: merge_stream, merge_sequence, read_state."""
+"""The public API: merge_stream, merge_sequence, read_state.
+
+``merge_stream`` prepares one step and hands it to the engine: it opens and validates every
+input, checks the inputs' identity against the merge state (wrong base, duplicate model) before
+any real work, classifies and plans, opens the output transaction, runs the step and commits.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import CheckpointReader, OutputTransaction, recover_output
-from .engine import like_reader, run_step
-from .errors import ConfigError, MergeStateError, OutputError
-from .methods import get_method
-from .plan import Kind, classify, make_groups, parse_size, validate_inputs
+from . import io, ops
+from .engine import DeviceStore, StepJob, non_finite_error, run_step
+from .errors import ConfigError, IncompatibleCheckpointError, MergeStateError, OutputError
+from .methods import Method, StepInfo, get_method
+from .plan import Kind, classify, make_plan, parse_size, validate_inputs
 from .state import MergeState
 
 __all__ = ["merge_stream", "merge_sequence", "read_state", "MergeReport", "DEFAULT_MEMORY_BUDGET"]
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: The default working-set bound: enough for every ViT-L/14 layer, small next to any training box.
 DEFAULT_MEMORY_BUDGET = "1GiB"
+#: Share of the GPU's free memory a step may use when --gpu-memory-budget is not given.
+GPU_MEMORY_SHARE = 0.8
 
 PathLike = str | os.PathLike
 
@@ -35,7 +41,7 @@ class MergeReport:
 
     step: int
     method: str
-    params: dict[str, float]
+    params: dict[str, Any]
     lam: float | None
     norms: list[float]
     mean_norm: float
@@ -48,8 +54,9 @@ class MergeReport:
     tensors: dict[str, int]
     classification: str
     groups: int
+    backend: str = ""
     warnings: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)  # method scalars, e.g. TIES thresholds
+    details: dict[str, Any] = field(default_factory=dict)  # method state, e.g. TIES thresholds
 
     @property
     def peak_above_baseline_bytes(self) -> int:
@@ -57,15 +64,18 @@ class MergeReport:
         return max(0, self.peak_rss_bytes - self.baseline_rss_bytes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready."""
         d = asdict(self)
         d["output"] = str(self.output)
         d["peak_above_baseline_bytes"] = self.peak_above_baseline_bytes
         return d
 
     def to_json(self) -> str:
+        """``to_dict`` as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def summary(self) -> str:
+        """One line for humans."""
         lam = f" lambda={self.lam:.6g}" if self.lam is not None else ""
         return (
             f"step {self.step} [{self.method}]{lam} norm={self.norms[-1]:.6g} mean_norm={self.mean_norm:.6g} "
@@ -76,19 +86,17 @@ class MergeReport:
 
 def read_state(path: PathLike) -> MergeState | None:
     """The merge state stored in a checkpoint (None for a checkpoint opcm-ext did not write)."""
-    with CheckpointReader(path) as r:
-        return _state_of(r, str(path))
+    with io.CheckpointReader(path) as r:
+        return state_of(r, str(path))
 
 
-def _state_of(reader: CheckpointReader, where: str) -> MergeState | None:
-    states = {}
-    for fname, md in reader.shard_metadata.items():
-        states[fname] = MergeState.from_metadata(md or {}, where=f"{where} ({fname})")
-    values = list(states.values())
-    if not values:
+def state_of(reader: io.CheckpointReader, where: str) -> MergeState | None:
+    """The merge state of an open checkpoint; every shard must carry the same one."""
+    states = [MergeState.from_metadata(md or {}, where=f"{where} ({f})") for f, md in reader.shard_metadata.items()]
+    if not states:
         return None
-    first = values[0]
-    if any((s is None) != (first is None) or (s is not None and s.to_metadata() != first.to_metadata()) for s in values):
+    first = states[0]
+    if any((s is None) != (first is None) or (s is not None and s.to_metadata() != first.to_metadata()) for s in states):
         raise MergeStateError(
             f"{where}: its shards carry different merge states (mixed files from different merges?); "
             "restore the folder from one merge."
@@ -96,42 +104,94 @@ def _state_of(reader: CheckpointReader, where: str) -> MergeState | None:
     return first
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    d = str(device)
-    if d == "auto":
-        if torch.cuda.is_available():
-            from . import _native
-
-            if _native.available().get("cuda"):
-                return torch.device("cuda")
-            warnings.warn(
-                "a GPU is visible but opcm_ext._cuda is not built; merging on the CPU. Rebuild with "
-                "OPCM_WITH_CUDA=ON pip install . to use the GPU.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return torch.device("cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if d.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but torch sees no GPU; use --device cpu or auto.")
-        from . import _native
-
-        if not _native.available().get("cuda"):
-            raise ConfigError(
-                "device 'cuda' was asked for but opcm_ext._cuda is not built; reinstall with "
-                "OPCM_WITH_CUDA=ON pip install . (needs nvcc and the cuSOLVER/cuBLAS headers)."
-            )
-        return torch.device(d)
-    raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda.")
-
-
 def _same_path(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _method(prev: MergeState | None, name: str | None, params: dict[str, Any], allow_change: bool,
+            where: Path | None) -> Method:
+    """The method and parameters of this step: given ones, else those recorded in the merge state."""
+    name = name or (prev.method if prev else "opcm")
+    cls = get_method(name)
+    if prev is not None and prev.method != name and not allow_change:
+        raise MergeStateError(
+            f"{where} was merged with {prev.method!r}; continuing with {name!r} mixes methods. "
+            "Pass allow_param_change=True (--allow-param-change) if you mean it."
+        )
+    if prev is not None and prev.method == name:
+        for k, v in prev.params.items():
+            params.setdefault(k, v)
+    m = cls(**params)
+    if prev is not None and prev.method == name and not allow_change:
+        recorded = {k: prev.params.get(k, p.default) for k, p in cls.params.items()}  # older states lack new params
+        if m.values != recorded:
+            raise MergeStateError(
+                f"{where} was merged with {prev.method} {json.dumps(prev.params, sort_keys=True)}; continuing "
+                f"with {json.dumps(m.values, sort_keys=True)} changes the method's parameters. Pass "
+                "allow_param_change=True (--allow-param-change) if you mean it."
+            )
+    return m
+
+
+def _check_identity(prev: MergeState | None, readers: dict[str, Any], paths: dict[str, str],
+                    hashes: dict[str, str], allow_duplicate: bool) -> None:
+    """Refuse a wrong base or an already merged model, before any SVD work."""
+    if prev is None:
+        return
+    if not _matches(prev.base["hash"], readers["base"], hashes["base"]):
+        err = non_finite_error(readers["base"], readers["base"].keys(), "base", paths["base"])
+        if err is not None:  # a base that changed because it holds NaN/Inf: say that
+            raise err
+        raise IncompatibleCheckpointError(
+            f"the merged checkpoint {paths['merged']} was made from base {prev.base.get('name')!r} "
+            f"(hash {prev.base.get('hash')}), but the given base {paths['base']} has hash {hashes['base']}; "
+            "pass the same base model that started this merge."
+        )
+    if allow_duplicate:
+        return
+    for i, m in enumerate(prev.models, start=1):
+        if _matches(m["hash"], readers["new"], hashes["new"]):
+            raise MergeStateError(
+                f"{paths['new']} was already merged at step {i} (as {m.get('name')!r}, same content hash); "
+                "merging it twice counts it twice. Pass --allow-duplicate (allow_duplicate=True) if you mean it."
+            )
+
+
+def _matches(recorded: str, reader: Any, known: str) -> bool:
+    """Whether a hash recorded in a state is this checkpoint's (in the recorded hash's scheme)."""
+    try:
+        scheme = io.hash_algorithm(recorded)
+    except ValueError as e:
+        raise MergeStateError(f"the merge state records a malformed model hash: {e}") from None
+    if scheme == io.hash_algorithm(known):
+        return recorded == known
+    return io.same_model(recorded, reader)  # a state written by opcm-ext 0.1: its legacy scheme
+
+
+class _FileSink:
+    """The output writer inside the transaction, laid out like the like-checkpoint."""
+
+    def __init__(self, tx: io.OutputTransaction, like: io.CheckpointReader) -> None:
+        self.tx, self.like = tx, like
+
+    def open(self, state: MergeState) -> io.SafetensorsWriter:
+        meta = dict(state.to_metadata())
+        meta["format"] = "pt"
+        entries = [(f, [(k, self.like.info(k).dtype, tuple(self.like.info(k).shape)) for k in keys])
+                   for f, keys in self.like.layout]
+        if self.tx.kind == "file":  # a bare .safetensors output: one file
+            entries = [(self.tx.out.name, [e for _, lst in entries for e in lst])]
+        return self.tx.writer(entries, meta)
+
+
+def _config_dir(readers: dict[str, Any]) -> Path | None:
+    for r in ("base", "new", "merged"):
+        if r in readers and getattr(readers[r], "config_path", None) is not None:
+            return readers[r].config_path.parent
+    return None
 
 
 def merge_stream(
@@ -144,6 +204,10 @@ def merge_stream(
     alpha: float | None = None,
     memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
     device: str = "auto",
+    backend: str = "auto",
+    gpu_memory_budget: str | int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     progress: bool = False,
     allow_duplicate: bool = False,
     allow_param_change: bool = False,
@@ -154,22 +218,23 @@ def merge_stream(
 ) -> MergeReport:
     """Fold the checkpoint ``new`` into ``merged`` (None starts a merge) and write ``out``.
 
-    ``out=None`` replaces ``merged`` atomically. ``method`` and its parameters
-    default to those recorded in ``merged`` (else OPCM with alpha=0.5);
-    continuing with different ones needs ``allow_param_change=True``.
+    ``out=None`` replaces ``merged`` atomically. ``method`` and its parameters default to those
+    recorded in ``merged`` (else OPCM with alpha=0.5); continuing with different ones needs
+    ``allow_param_change=True``.
     """
     base_p, new_p = Path(base), Path(new)
     merged_p = Path(merged) if merged is not None else None
-    if out is None:
-        if merged_p is None:
-            raise ConfigError("out is required when starting a merge (merged=None).")
-        out_p = merged_p
-    else:
-        out_p = Path(out)
+    if out is None and merged_p is None:
+        raise ConfigError("out is required when starting a merge (merged=None).")
+    out_p = Path(out) if out is not None else merged_p
+    assert out_p is not None
     budget = parse_size(memory_budget)
-    dev = _resolve_device(device)
-    _recover_interrupted(out_p)
-
+    sel = ops.select(device, backend)
+    if sel.reason:
+        log.warning("%s", sel.reason)
+    if io.needs_recovery(out_p):
+        for note in io.recover_output(out_p):  # before out is read or checked: a killed run may hold it
+            log.info(note)
     for role, p in (("base", base_p), ("new", new_p)):
         if _same_path(out_p, p):
             raise OutputError(f"the output {out_p} is the {role} checkpoint; writing there would destroy an input.")
@@ -178,78 +243,67 @@ def merge_stream(
     if out_p.exists() and not overwrite and not (merged_p is not None and _same_path(out_p, merged_p)):
         raise OutputError(f"{out_p} already exists; pass overwrite=True (--overwrite) to replace it.")
 
-    readers: dict[str, CheckpointReader] = {}
+    paths = {r: str(p) for r, p in (("base", base_p), ("merged", merged_p), ("new", new_p)) if p is not None}
+    readers: dict[str, Any] = {}
     try:
-        readers["base"] = CheckpointReader(base_p)
-        if merged_p is not None:
-            readers["merged"] = CheckpointReader(merged_p)
-        readers["new"] = CheckpointReader(new_p)
-        paths = {r: str(p) for r, p in (("base", base_p), ("merged", merged_p), ("new", new_p)) if p is not None}
-
+        for role in ("base", "merged", "new"):
+            if role in paths:
+                readers[role] = io.CheckpointReader(paths[role])
         prev = None
         if merged_p is not None:
-            prev = _state_of(readers["merged"], str(merged_p))
+            prev = state_of(readers["merged"], str(merged_p))
             if prev is None:
                 raise MergeStateError(
                     f"{merged_p} carries no opcm-ext merge state, so it cannot be continued. Start a merge "
                     "with merged=None (`opcm merge BASE MODEL... -o OUT`) and fold models in one at a time."
                 )
-        method_name = method or (prev.method if prev else "opcm")
-        cls = get_method(method_name)
         params = dict(method_params)
         if alpha is not None:
             params["alpha"] = alpha
-        if prev is not None:
-            if prev.method != method_name and not allow_param_change:
-                raise MergeStateError(
-                    f"{merged_p} was merged with {prev.method!r}; continuing with {method_name!r} mixes methods. "
-                    "Pass allow_param_change=True (--allow-param-change) if you mean it."
-                )
-            if prev.method == method_name:
-                for k, v in prev.params.items():
-                    params.setdefault(k, v)
-        m = cls(**params)
-        if prev is not None and prev.method == method_name and m.values != prev.params and not allow_param_change:
-            raise MergeStateError(
-                f"{merged_p} was merged with {prev.method} {json.dumps(prev.params, sort_keys=True)}; continuing "
-                f"with {json.dumps(m.values, sort_keys=True)} changes the method's parameters. Pass "
-                "allow_param_change=True (--allow-param-change) if you mean it."
-            )
-        step = 1 if prev is None else prev.step + 1
-
+        m = _method(prev, method, params, allow_param_change, merged_p)
+        info = StepInfo(step=1 if prev is None else prev.step + 1, prev=prev)
+        m.begin(info)
         validate_inputs(readers, paths)
+        hashes = {r: io.content_hash(readers[r], progress=progress) for r in ("base", "new")}
+        _check_identity(prev, readers, paths, hashes, allow_duplicate)
+
         ref = readers["base"]
         tensors = {k: (ref.info(k).dtype, tuple(ref.info(k).shape)) for k in ref.keys()}
-        config_dir = None
-        for r in ("base", "new", "merged"):
-            if r in readers and readers[r].config_path is not None:
-                config_dir = readers[r].config_path.parent
-                break
-        classification = classify(tensors, config_dir, projected=projected, averaged=averaged)
+        classification = classify(tensors, _config_dir(readers), projected=projected, averaged=averaged)
         for note in classification.notes:
             log.info(note)
-        infos = {
-            k: (tuple(ref.info(k).shape), sum(readers[r].info(k).dtype.itemsize for r in readers))
-            for k in ref.keys()
-        }
-        groups = make_groups(classification, infos, budget, lambda k, kind, shape, isz: m.cost(kind, shape, isz))
+        infos = {k: (tuple(ref.info(k).shape), sum(r.info(k).dtype.itemsize for r in readers.values())) for k in ref.keys()}
+        stage = None
+        work_budget = budget
+        if sel.device.type == "cuda":
+            work_budget = _gpu_budget(gpu_memory_budget, sel.device)
+            stage = budget
+        plan = make_plan(classification, infos, work_budget, m, stage_budget=stage)
 
-        like = like_reader(m, readers)
-        floating = [k for k, v in classification.kinds.items() if v is not Kind.CARRIED]
-        scratch_bytes = sum(4 * _numel(like.info(k).shape) for k in floating)
+        like = readers["merged"] if "merged" in readers else readers["new" if m.copies_first else "base"]
+        floating = {k: tuple(like.info(k).shape) for k, v in classification.kinds.items() if v is not Kind.CARRIED}
+        keep_bytes = 4 * sum(_numel(s) for s in floating.values()) if any(p.keep for p in m.passes()) else 0
+        spill = max(0, keep_bytes - max(0, budget - plan.peak)) if sel.device.type == "cpu" else keep_bytes
         kind = "file" if out_p.suffix == ".safetensors" else "folder"
-        names = {"base": base_p.name, "new": new_p.name}
-        with OutputTransaction(
-            out_p, kind=kind, like_folder=like.folder if like.is_folder else None,
-            expected_bytes=like.total_bytes + scratch_bytes,
-        ) as tx:
-            if prev is not None and _same_path(out_p, merged_p):
-                _check_unchanged(merged_p, prev, new_p)
-            result = run_step(
-                m, step=step, prev=prev, readers=readers, paths=paths, names=names,
-                classification=classification, groups=groups, tx=tx, device=dev, budget=budget,
-                allow_duplicate=allow_duplicate, progress=progress,
-            )
+        with io.OutputTransaction(out_p, kind=kind, like_folder=like.folder if like.is_folder else None,
+                                  expected_bytes=like.total_bytes + spill) as tx:
+            if prev is not None and _same_path(out_p, merged_p):  # type: ignore[arg-type]
+                _check_unchanged(merged_p, prev, new_p)  # type: ignore[arg-type]
+
+            def make_store(allowance: int):
+                if sel.device.type == "cuda" and keep_bytes <= max(0, work_budget - plan.peak):
+                    return DeviceStore(floating, sel.device)
+                return io.ScratchStore(tx.scratch_dir, floating, memory_limit=allowance if sel.device.type == "cpu" else 0)
+
+            def new_state() -> MergeState:
+                models = (list(prev.models) if prev else []) + [{"name": new_p.name, "hash": hashes["new"]}]
+                return MergeState(method=m.name, params=dict(m.values), step=info.step, lam=float(m.lam()),
+                                  norms=info.norms, base={"name": base_p.name, "hash": hashes["base"]}, models=models)
+
+            job = StepJob(method=m, info=info, sources=readers, like=like, classification=classification, plan=plan,
+                          ops=sel, sink=_FileSink(tx, like), make_store=make_store, state=new_state, names=paths,
+                          progress=progress, executor=_executor(executor, ray_address))
+            result = run_step(job)
             tx.commit()  # config/tokenizer files were copied by OutputTransaction(like_folder=...)
     finally:
         for r in readers.values():
@@ -257,48 +311,27 @@ def merge_stream(
 
     st = result.state
     return MergeReport(
-        step=st.step,
-        method=st.method,
-        params=dict(st.params),
-        lam=st.lam if st.method == "opcm" else None,
-        norms=list(st.norms),
-        mean_norm=st.mean_norm,
-        output=out_p,
-        device=str(dev),
-        memory_budget_bytes=budget,
-        peak_rss_bytes=result.peak_rss_bytes,
-        baseline_rss_bytes=result.baseline_rss_bytes,
-        timings=result.timings,
-        tensors=classification.counts(),
-        classification=classification.source,
-        groups=result.groups,
-        warnings=result.warnings,
-        details={k: v for k, v in result.scalars.items() if _jsonable(v)},
+        step=st.step, method=st.method, params=dict(st.params), lam=st.lam if st.method == "opcm" else None,
+        norms=list(st.norms), mean_norm=st.mean_norm, output=out_p, device=str(sel.device),
+        memory_budget_bytes=budget, peak_rss_bytes=result.peak_rss_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
+        timings=result.timings, tensors=classification.counts(), classification=classification.source,
+        groups=result.groups, backend="native" if sel.native else "torch", warnings=result.warnings,
+        details=result.details,
     )
 
 
-def _recover_interrupted(out_p: Path) -> None:
-    """Finish or undo what a killed run into ``out_p`` left behind, before ``out_p`` is read or checked.
+def _executor(name: str, address: str | None) -> Any:
+    from .executors import make_executor
 
-    OutputTransaction recovers too, but only after the inputs are read: too late when the kill fell
-    between the two renames of the rename-aside swap (MERGED is then only in ``.NAME.opcm-old-*``
-    and reading it fails), or when the output is complete but still marked and the step is refused
-    before any transaction opens (``-o OUT`` already exists).
-    """
-    try:
-        names = os.listdir(out_p.parent)
-    except OSError:
-        return  # an unusable output folder is reported by the transaction
-    prefix = f".{out_p.name}.opcm-"
-    if any(n.startswith(prefix) for n in names) or (out_p / ".opcm-tmp").is_file():
-        try:
-            notes = recover_output(out_p)  # under the output's lock: refuses while another merge runs
-        except OSError as e:
-            raise OutputError(
-                f"cannot clean up after an earlier interrupted run into {out_p}: {e}; check the folder's permissions"
-            ) from e
-        for note in notes:
-            log.info(note)
+    return make_executor(name, address=address) if name == "ray" else make_executor(name)
+
+
+def _gpu_budget(value: str | int | None, device: torch.device) -> int:
+    """The device-memory bound of a GPU step: the given size, else a share of the free memory."""
+    if value is not None:
+        return parse_size(value)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * GPU_MEMORY_SHARE)
 
 
 def _check_unchanged(merged_p: Path, prev: MergeState, new_p: Path) -> None:
@@ -307,8 +340,8 @@ def _check_unchanged(merged_p: Path, prev: MergeState, new_p: Path) -> None:
     The lock is taken after ``merged`` was read, so another merge into the same folder may have
     committed in between; continuing would write a step from the stale state and drop its model.
     """
-    with CheckpointReader(merged_p) as again:
-        now = _state_of(again, str(merged_p))
+    with io.CheckpointReader(merged_p) as again:
+        now = state_of(again, str(merged_p))
     if now is None or now.to_metadata() != prev.to_metadata():
         raise OutputError(
             f"another merge into {merged_p} finished while this one was starting (it is now at step "
@@ -317,15 +350,7 @@ def _check_unchanged(merged_p: Path, prev: MergeState, new_p: Path) -> None:
         )
 
 
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v, allow_nan=False)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _numel(shape) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -345,7 +370,5 @@ def merge_sequence(
         raise ConfigError("merge_sequence needs at least one model.")
     reports = []
     for i, model in enumerate(models):
-        reports.append(
-            merge_stream(base, None if i == 0 else out, model, out, overwrite=overwrite, **options)
-        )
+        reports.append(merge_stream(base, None if i == 0 else out, model, out, overwrite=overwrite, **options))
     return reports

@@ -38,6 +38,14 @@ def _merge_options(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     g.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
                    help="bound on the working set, e.g. 512MB, 2GiB (default 1GiB)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
+    g.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="kernels: native (compiled, after a self-test), torch (plain torch ops) or auto (default)")
+    g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE",
+                   help="bound on GPU memory with --device cuda (default: 80%% of the free memory)")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where the groups of a pass run: this process (default) or tasks on a Ray cluster")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join with --executor ray (default: $RAY_ADDRESS, else a local instance)")
     g.add_argument("--project", action="append", default=[], metavar="REGEX",
                    help="force tensors whose name matches REGEX to be projected (repeatable)")
     g.add_argument("--average", action="append", default=[], metavar="REGEX",
@@ -53,8 +61,9 @@ def _merge_options(p: argparse.ArgumentParser, outputs: bool = True) -> None:
 
 def _options(a: argparse.Namespace) -> dict:
     opts = dict(
-        method=a.method, memory_budget=a.memory_budget, device=a.device, progress=not a.no_progress,
-        allow_duplicate=a.allow_duplicate, allow_param_change=a.allow_param_change,
+        method=a.method, memory_budget=a.memory_budget, device=a.device, backend=a.backend,
+        gpu_memory_budget=a.gpu_memory_budget, executor=a.executor, ray_address=a.ray_address,
+        progress=not a.no_progress, allow_duplicate=a.allow_duplicate, allow_param_change=a.allow_param_change,
         projected=a.project, averaged=a.average,
     )
     for name in ("alpha", "lam", "keep"):
@@ -97,12 +106,20 @@ def _cmd_watch(a: argparse.Namespace) -> int:
     return watch_main(a, _options(a))
 
 
+def _cmd_doctor(a: argparse.Namespace) -> int:
+    from .doctor import format_report, report
+
+    d = report()
+    print(json.dumps(d, indent=2, sort_keys=True, default=str) if a.json else format_report(d))
+    return EXIT_OK
+
+
 def _cmd_info(a: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointReader
-    from .api import _state_of
+    from .api import state_of
+    from .io import CheckpointReader
 
     with CheckpointReader(a.checkpoint) as r:
-        state = _state_of(r, a.checkpoint)
+        state = state_of(r, a.checkpoint)
         n_params = sum(_prod(r.info(k).shape) for k in r.keys())
         info = {
             "path": str(a.checkpoint),
@@ -174,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_arguments(w)
     _merge_options(w, outputs=False)
     w.set_defaults(func=_cmd_watch)
+
+    d = sub.add_parser("doctor", help="versions, libraries and which backend each device would use, and why")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_doctor)
 
     i = sub.add_parser("info", help="show a checkpoint's merge state and provenance")
     i.add_argument("checkpoint")

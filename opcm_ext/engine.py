@@ -1,501 +1,410 @@
-"""The streaming engine: passes over tensor groups, prefetch, devices, scratch, output.
+"""One merge step: the method's passes over the planned groups — read, compute, keep or write.
 
-One step = the method's passes. Each pass walks the groups of the plan; a
-background thread reads the next group from disk while the current one
-computes (only when both fit the memory budget together). The first pass also
-hashes the base and the new model (their identities in the merge state) and
-checks every input value is finite. The output pass writes into an
-``OutputTransaction`` that only replaces the target after everything is on
-disk. Nothing is written into the user's directory before the output pass,
-so every validation that needs a full pass (finiteness, base identity,
-duplicate model, ‖Σ‖ = 0) fails with the previous checkpoint untouched.
+``run_step`` reads as the data flow of a step. For every pass of the method, an executor walks
+the plan's groups (``executors.local`` reads the next group on a one-worker thread pool while the
+current one computes); a :class:`Worker` turns each group's stored tensors into a
+:class:`~opcm_ext.methods.base.Batch` on the compute device, runs the pass's handler, and keeps
+(for a later pass) or writes what it returns. The engine itself computes what every method needs
+once: in the first pass the task vectors and their norms (‖τt‖, ‖θ(t−1) − θ0‖), and from those
+sums the finiteness of every input. Carried (integer) tensors are copied by the writer step of
+the output pass. Nothing reaches the user's folder before the output pass, whose writer lives
+inside the caller's output transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
-import queue
 import sys
-import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Protocol
 
 import torch
 
 from . import _faults
-from .checkpoint import CheckpointReader, OutputTransaction
-from .errors import (
-    IncompatibleCheckpointError,
-    MergeStateError,
-    NonFiniteError,
-    OpcmError,
-)
-from .methods.base import Method
-from .plan import Classification, Group, Kind
+from .errors import NonFiniteError
+from .memory import RssSampler, tune_malloc
+from .methods.base import Batch, BlockSource, Method, Pass, ScanSums, StepInfo, Sums
+from .plan import Classification, Group, Kind, Plan, Streamed
 from .state import MergeState
 
-__all__ = ["StepContext", "StepResult", "run_step", "ScratchStore", "RssSampler"]
-
-log = logging.getLogger(__name__)
+__all__ = ["StepJob", "StepResult", "Worker", "DeviceStore", "run_step", "PassRunner", "non_finite_error"]
 
 
-class ScratchStore:
-    """fp32 tensors kept between passes in one flat file inside the output's temporary folder.
+class Writer(Protocol):
+    """Where output tensors go: a safetensors writer in a transaction, or a dict in memory."""
 
-    Living on disk (and in the page cache) rather than in RAM keeps the process
-    memory within the budget whatever the model size.
-    """
+    def write(self, name: str, tensor: torch.Tensor, *, rows: tuple[int, int] | None = None,
+              cols: tuple[int, int] | None = None) -> None: ...
 
-    def __init__(self, directory: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.path = Path(directory) / "sigma.f32"
-        self._offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
-        off = 0
-        for k in sorted(shapes):
-            self._offsets[k] = (off, tuple(shapes[k]))
-            off += 4 * math.prod(shapes[k])
-        self.nbytes = off
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
-    def put(self, key: str, t: torch.Tensor) -> None:
-        off, shape = self._offsets[key]
-        data = t.detach().to("cpu", torch.float32).contiguous()
-        if tuple(data.shape) != shape:
-            raise ValueError(f"scratch {key}: shape {tuple(data.shape)} != {shape}")
-        mv = memoryview(data.numpy()).cast("B")
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(self._fd, mv[done:], off + done)
+class Sink(Protocol):
+    """Opens the output writer once the new merge state is known (it goes into the header)."""
 
-    def get(self, key: str, pin: bool = False) -> torch.Tensor:
-        off, shape = self._offsets[key]
-        out = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
-        mv = memoryview(out.numpy()).cast("B")
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self._fd, [mv[done:]], off + done)
-            if n == 0:
-                raise OpcmError(f"scratch file {self.path} ended early at {key}")
-            done += n
-        return out
+    def open(self, state: MergeState) -> Writer: ...
+
+
+class Store(Protocol):
+    """fp32 tensors one pass keeps for a later pass (OPCM's Σ)."""
+
+    def put(self, key: str, tensor: torch.Tensor, *, rows: tuple[int, int] | None = None,
+            cols: tuple[int, int] | None = None) -> None: ...
+
+    def get(self, key: str, *, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+            pin: bool = False) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class DeviceStore:
+    """A Store in the compute device's memory (a GPU step whose Σ fits, or an in-memory merge)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
+        self.shapes, self.device = shapes, device
+        self._t: dict[str, torch.Tensor] = {}
+
+    def put(self, key, tensor, *, rows=None, cols=None) -> None:
+        if rows is None and cols is None:
+            self._t[key] = tensor.to(self.device, torch.float32)
+            return
+        full = self._t.get(key)
+        if full is None:
+            full = self._t[key] = torch.empty(self.shapes[key], dtype=torch.float32, device=self.device)
+        _region(full, rows, cols).copy_(tensor)
+
+    def get(self, key, *, rows=None, cols=None, pin=False) -> torch.Tensor:
+        return _region(self._t[key], rows, cols)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._t.clear()
 
 
-def _mallopt_mmap_threshold(nbytes: int) -> bool:
-    if os.environ.get("OPCM_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-        return mallopt is not None and bool(mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except OSError:  # pragma: no cover - no libc to talk to
-        return False
-
-
-class tune_malloc:
-    """During a step, make glibc return freed large blocks to the system at once.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after
-    which tensors of a few MiB come from the heap and their freed pages stay resident: a
-    ViT-B/32 step then held ~250 MiB more than its live tensors. A fixed 1 MiB threshold
-    (mallopt M_MMAP_THRESHOLD) keeps every tensor-sized block in its own mapping, so the
-    resident set follows what is alive and the memory budget holds. On exit the threshold
-    goes to 32 MiB (glibc's own ceiling), so the caller's later work (e.g. evaluation, many
-    mid-size activations) does not pay a page fault per allocation. glibc only;
-    OPCM_MALLOC_TUNE=0 leaves malloc alone.
-    """
-
-    def __enter__(self) -> "tune_malloc":
-        self.active = _mallopt_mmap_threshold(1 << 20)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            _mallopt_mmap_threshold(32 << 20)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the kernel's peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class RssSampler:
-    """The peak resident set size of a step: the kernel's VmHWM, reset when the step starts
-    (Linux), and samples every few milliseconds where that is not available."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self._hwm = _reset_peak_rss()
-        self.baseline = _rss()
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        # Polling is only the fallback: with VmHWM the kernel tracks the peak exactly, for free.
-        self._thread = None if self._hwm else threading.Thread(target=self._run, name="opcm-rss", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss())
-
-    def __enter__(self) -> "RssSampler":
-        if self._thread is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, _rss())
-        hwm = _peak_rss() if self._hwm else None
-        if hwm is not None:
-            self.peak = max(self.peak, hwm)
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # pragma: no cover - non-Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def tensor_digest(name: str, t: torch.Tensor) -> bytes:
-    """blake2b of one tensor's name, dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(name.encode())
-    h.update(str(t.dtype).encode())
-    h.update(repr(tuple(t.shape)).encode())
-    if t.numel():
-        h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return h.digest()
-
-
-def combine_digests(digests: dict[str, bytes]) -> str:
-    """A model's content identity: independent of sharding and of the order tensors were read."""
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(digests):
-        h.update(k.encode())
-        h.update(digests[k])
-    return h.hexdigest()
+def _region(t: torch.Tensor, rows, cols) -> torch.Tensor:
+    if rows is not None:
+        t = t[rows[0]:rows[1]]
+    if cols is not None:
+        t = t[:, cols[0]:cols[1]]
+    return t
 
 
 @dataclass
-class StepContext:
-    """What a method sees: the step, the previous state, devices, scalars, scratch."""
+class StepJob:
+    """Everything one step needs, prepared and validated by the API layer."""
 
-    step: int
-    prev: MergeState | None
-    device: torch.device
-    readers: dict[str, CheckpointReader]
-    paths: dict[str, str]
-    like: CheckpointReader
+    method: Method
+    info: StepInfo
+    sources: dict[str, Any]  # role -> reader ("base", "merged" when continuing, "new")
+    like: Any  # the reader whose layout, dtypes and carried tensors the output mirrors
     classification: Classification
-    scratch: ScratchStore | None = None
-    scalars: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    warnings: list[str] = field(default_factory=list)
-    _acc: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def accumulate(self, name: str, value: torch.Tensor) -> None:
-        """Add a 0-d float64 device tensor into a named accumulator (no host sync)."""
-        if name in self._acc:
-            self._acc[name] += value
-        else:
-            self._acc[name] = value.to(torch.float64).clone()
-
-    def value(self, name: str) -> float:
-        """The accumulated value (one sync); 0.0 if nothing was added."""
-        t = self._acc.get(name)
-        return 0.0 if t is None else float(t.item())
-
-    def out_dtype(self, key: str) -> torch.dtype:
-        return self.like.info(key).dtype
-
-    def add_time(self, name: str, seconds: float) -> None:
-        self.timings[name] += seconds
-
-    def check_merged_norm(self, m_norm: float) -> None:
-        """P2 says ‖θ(t−1) − θ0‖ = n̄(t−1): a large gap means the merged checkpoint was edited or mixed up."""
-        if self.prev is None or not self.prev.norms:
-            return
-        expect = self.prev.mean_norm
-        if expect > 0 and abs(m_norm - expect) > 1e-2 * expect:
-            msg = (
-                f"the merged checkpoint's distance from the base is {m_norm:.6g}, but its state records "
-                f"{expect:.6g}: it was modified after merging, or belongs to another base"
-            )
-            self.warnings.append(msg)
-            log.warning(msg)
+    plan: Plan
+    ops: Any  # ops.Ops: the backend chosen for the step
+    sink: Sink
+    make_store: Callable[[int], Store]  # allowance in bytes -> the store for kept tensors
+    state: Callable[[], MergeState]  # the new state, once the passes before the output know λ(t)
+    names: dict[str, str] = field(default_factory=dict)  # role -> path, for messages
+    progress: bool = False
+    executor: Any = None  # executors.local.LocalExecutor() when None
 
 
 @dataclass
 class StepResult:
+    """What a step produced and what it cost."""
+
     state: MergeState
     timings: dict[str, float]
     peak_rss_bytes: int
     baseline_rss_bytes: int
     groups: int
     warnings: list[str]
-    scalars: dict[str, Any]
+    details: dict[str, Any]
 
 
-class _Prefetcher:
-    """Reads group i+1 on a thread while group i computes, within the memory budget."""
+class Worker:
+    """Processes groups of one pass: fetch stored tensors, compute a Batch, keep or write the results.
 
-    def __init__(self, groups: list[Group], fetch, budget: int, timings) -> None:
-        self.groups = groups
-        self.fetch = fetch
-        self.budget = budget
-        self.timings = timings
-        self._permits = [threading.Event() for _ in groups]
-        self._q: queue.Queue = queue.Queue(maxsize=1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="opcm-prefetch", daemon=True)
+    One Worker per process: the local executor has one, a cluster executor one per task, built
+    from the same readers, writer and store (opened by path in the worker's process).
+    """
 
-    def _run(self) -> None:
-        for i, g in enumerate(self.groups):
-            while not self._permits[i].wait(0.1):
-                if self._stop.is_set():
-                    return
-            if self._stop.is_set():
-                return
-            try:
-                t0 = time.perf_counter()
-                item = (g, self.fetch(g), None)
-                self.timings["read"] += time.perf_counter() - t0
-            except BaseException as exc:  # handed to the main thread
-                item = (g, None, exc)
-            while True:
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    if self._stop.is_set():
-                        return
-            if item[2] is not None:
-                return
+    def __init__(self, method: Method, sources: dict[str, Any], like: Any, ops: Any, plan: Plan,
+                 writer: Writer | None = None, store: Store | None = None) -> None:
+        self.method, self.sources, self.like, self.ops, self.plan = method, sources, like, ops, plan
+        self.writer, self.store = writer, store
+        self.device: torch.device = ops.device
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._events: dict[int, Any] = {}
 
-    def __iter__(self) -> Iterator[tuple[Group, dict]]:
-        if not self.groups:
+    # -- reading ------------------------------------------------------------------------------
+    def fetch(self, reads: tuple[str, ...], group: Group, slot: int = 0) -> dict[str, list[torch.Tensor]]:
+        """The stored tensors of ``group`` for each role in ``reads`` (CPU; pinned staging on CUDA)."""
+        staging = self._staging(slot, group.input_bytes) if self.device.type == "cuda" else None
+        off = 0
+        out: dict[str, list[torch.Tensor]] = {}
+        for role in reads:
+            if role == "kept":
+                out[role] = [self.store.get(k, rows=group.rows) for k in group.keys]  # type: ignore[union-attr]
+                continue
+            src = self.sources[role]
+            lst = []
+            for k in group.keys:
+                buf = None
+                if staging is not None:
+                    nbytes = _nbytes(src.info(k), group.rows)
+                    buf = staging[off:off + nbytes]
+                    off += -(-nbytes // 64) * 64  # keep every view aligned for any dtype
+                lst.append(src.read(k, out=buf, rows=group.rows))
+            out[role] = lst
+        return out
+
+    def _staging(self, slot: int, nbytes: int) -> torch.Tensor:
+        """A reusable pinned buffer per prefetch slot (grown when a group needs more); waits until
+        the device has finished copying out of it."""
+        ev = self._events.pop(slot, None)
+        if ev is not None:
+            ev.synchronize()
+        need = nbytes + 64 * 64
+        buf = self._pinned.get(slot)
+        if buf is None or buf.numel() < need:
+            buf = self._pinned[slot] = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def to_device(self, p: Pass, data: dict[str, list[torch.Tensor]], slot: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Stored tensors on the compute device (asynchronous copies out of the pinned slot on CUDA)."""
+        if self.device.type == "cpu" or p.copy is not None:
+            return data
+        moved = {r: [t.to(self.device, non_blocking=True) for t in ts] for r, ts in data.items()}
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._events[slot] = ev
+        return moved
+
+    # -- computing ----------------------------------------------------------------------------
+    def process(self, p: Pass, group: Group, data: dict[str, list[torch.Tensor]], sums: Sums,
+                scan: ScanSums | None) -> None:
+        """Run pass ``p`` on one group; keep or write its results."""
+        if p.copy is not None:  # the stored bytes, unchanged (θ(1) = θ1)
+            for k, t in zip(group.keys, data[p.copy]):
+                self._write(k, t, group.rows)
             return
-        self._permits[0].set()
-        self._thread.start()
-        try:
-            for i in range(len(self.groups)):
-                t0 = time.perf_counter()
-                g, data, exc = self._q.get()
-                self.timings["read_wait"] += time.perf_counter() - t0
-                if exc is not None:
-                    raise exc
-                nxt = i + 1
-                early = nxt < len(self.groups) and g.cost + self.groups[nxt].input_bytes <= self.budget
-                if early:
-                    self._permits[nxt].set()
-                yield g, data
-                del data
-                if nxt < len(self.groups) and not early:
-                    self._permits[nxt].set()
-        finally:
-            self._stop.set()
-            for p in self._permits:
-                p.set()
-            self._thread.join()
+        dtypes = tuple(self.like.info(k).dtype for k in group.keys)
+        batch = Batch(group.kind, group.keys, data, dtypes, self.ops, scan=scan)
+        if scan is not None:
+            batch.deltas()  # the engine's scan: every first pass measures the task vectors
+        outs = p.run(batch, sums) if p.run is not None else None
+        del batch
+        if outs is None:
+            return
+        if p.keep:
+            for k, t in zip(group.keys, outs):
+                self.store.put(k, t, rows=group.rows)  # type: ignore[union-attr]
+        if p.output:
+            for k, t in zip(group.keys, self._to_host(list(outs))):
+                self._write(k, t, group.rows)
+
+    def streamed(self, p: Pass, s: Streamed, sums: Sums, scan: ScanSums | None) -> None:
+        """Run pass ``p``'s streamed handler on one matrix too large to hold whole."""
+        src = _Blocks(self, s, scan)
+        p.streamed(src, sums)  # type: ignore[misc]
+
+    def _to_host(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return outs
+        nbytes = sum(t.numel() * t.element_size() for t in outs)
+        buf = self._pinned.get(-1)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._pinned[-1] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        host, off = [], 0
+        for t in outs:
+            n = t.numel() * t.element_size()
+            h = buf[off:off + n].view(t.dtype).view(t.shape)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
+            off += n
+        torch.cuda.current_stream(self.device).synchronize()  # one wait per group
+        return host
+
+    def _write(self, key: str, t: torch.Tensor, rows: tuple[int, int] | None) -> None:
+        self.writer.write(key, t.contiguous(), rows=rows)  # type: ignore[union-attr]
+        _faults.point("engine.write")
+
+    def copy_carried(self, keys: list[str], chunk_bytes: int) -> None:
+        """Write the carried (non-floating) tensors from the like-checkpoint, in row blocks."""
+        for k in keys:
+            info = self.like.info(k)
+            for rows in _row_chunks(info.shape, info.nbytes, chunk_bytes):
+                self._write(k, self.like.read(k, rows=rows), rows)
 
 
-def run_step(
-    method: Method,
-    *,
-    step: int,
-    prev: MergeState | None,
-    readers: dict[str, CheckpointReader],
-    paths: dict[str, str],
-    names: dict[str, str],
-    classification: Classification,
-    groups: list[Group],
-    tx: OutputTransaction,
-    device: torch.device,
-    budget: int,
-    allow_duplicate: bool,
-    progress: bool,
-) -> StepResult:
-    """Run one merge step through ``tx``; returns the new state and measurements (tx is committed by the caller)."""
-    like = like_reader(method, readers)
-    ctx = StepContext(step=step, prev=prev, device=device, readers=readers, paths=paths, like=like,
-                      classification=classification)
-    carried = classification.keys_of(Kind.CARRIED)
-    passes = method.passes(ctx)
-    floating_shapes = {k: like.info(k).shape for k, v in classification.kinds.items() if v is not Kind.CARRIED}
-    if any("scratch" in p.inputs for p in passes):
-        ctx.scratch = ScratchStore(tx.scratch_dir, floating_shapes)
-    digests: dict[str, dict[str, bytes]] = {"base": {}, "new": {}}
-    pin = device.type == "cuda"
+def _nbytes(info: Any, rows: tuple[int, int] | None) -> int:
+    if rows is None:
+        return info.nbytes
+    return info.nbytes // max(info.shape[0], 1) * (rows[1] - rows[0])
+
+
+def _row_chunks(shape: tuple[int, ...], nbytes: int, chunk: int) -> list[tuple[int, int] | None]:
+    if not shape or nbytes <= chunk or shape[0] <= 1:
+        return [None]
+    per = max(1, chunk // max(nbytes // shape[0], 1))
+    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)]
+
+
+class _Blocks(BlockSource):
+    """The BlockSource of one streamed matrix, over the worker's readers and store."""
+
+    def __init__(self, worker: Worker, s: Streamed, scan: ScanSums | None) -> None:
+        m, n = s.shape
+        self.key, self.shape, self.ops = s.key, s.shape, worker.ops
+        self.tall = m >= n
+        self.block = max(s.block, 1)
+        self.nblocks = math.ceil(max(m, n) / self.block)
+        self._w, self._scan, self._scanned = worker, scan, set()
+
+    def _range(self, i: int) -> tuple[int, int]:
+        long = max(self.shape)
+        return i * self.block, min(long, (i + 1) * self.block)
+
+    def _read(self, role: str, i: int) -> torch.Tensor:
+        src, r = self._w.sources[role], self._range(i)
+        t = src.read(self.key, rows=r) if self.tall else src.read_columns(self.key, *r).mT
+        return t.to(self._w.device)
+
+    def deltas(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, m, nw = (self._read(role, i) for role in ("base", "merged", "new"))
+        M, T, ss_m, ss_t = self.ops.deltas(b, m, nw)
+        if self._scan is not None and i not in self._scanned:  # count each block once
+            self._scanned.add(i)
+            self._scan.tau_sq = self._scan.tau_sq + ss_t
+            self._scan.m_sq = self._scan.m_sq + ss_m
+        return M, T
+
+    def keep(self, i: int, x: torch.Tensor) -> None:
+        r = self._range(i)
+        if self.tall:
+            self._w.store.put(self.key, x, rows=r)  # type: ignore[union-attr]
+        else:
+            self._w.store.put(self.key, x.mT, cols=r)  # type: ignore[union-attr]
+
+
+class PassRunner:
+    """What an executor needs to run one pass: the worker, the pass, the roles to read, the scan."""
+
+    def __init__(self, job: StepJob, worker: Worker, p: Pass, reads: tuple[str, ...], scan: bool) -> None:
+        self.job, self.worker, self.p, self.reads = job, worker, p, reads
+        self.scan = scan
+
+    def units(self) -> list[Group | Streamed]:
+        """The pass's units in order: groups, with a streamed matrix once in place of its row blocks."""
+        streamed = self.job.plan.streamed if self.p.streamed is not None else {}
+        out: list[Group | Streamed] = []
+        done: set[str] = set()
+        for g in self.job.plan.groups:
+            k = g.keys[0]
+            if g.rows is not None and k in streamed:
+                if k not in done:
+                    done.add(k)
+                    out.append(streamed[k])
+                continue
+            out.append(g)
+        return out
+
+
+def run_step(job: StepJob) -> StepResult:
+    """Run the method's passes; returns the new state and measurements (the caller commits the output)."""
+    from .executors.local import LocalExecutor
+
+    method, info = job.method, job.info
+    executor = job.executor or LocalExecutor()
+    passes = method.passes()
+    carried = job.classification.keys_of(Kind.CARRIED)
+    timings: dict[str, float] = {}
+    store = job.make_store(max(0, job.plan.budget - job.plan.peak)) if any(p.keep for p in passes) else None
+    worker = Worker(method, job.sources, job.like, job.ops, job.plan, store=store)
+    state: MergeState | None = None
     total_start = time.perf_counter()
-
     with tune_malloc(), RssSampler() as rss:
         try:
-            for pi, p in enumerate(passes):
-                first = pi == 0
+            for i, p in enumerate(passes):
                 t_pass = time.perf_counter()
-                roles = [r for r in p.inputs if r != "scratch"]
-                if first:  # hash base and new in full and check every input is finite
-                    roles = sorted(set(roles) | {"base", "new"} | ({"merged"} if "merged" in readers else set()))
-                pass_groups = list(groups)
-                if carried and (first or p.output):
-                    pass_groups.append(Group(Kind.CARRIED, carried, None, 0, sum(like.info(k).nbytes for k in carried)))
-
-                def fetch(g: Group, roles=roles, p=p, first=first) -> dict[str, list[torch.Tensor]]:
-                    out: dict[str, list[torch.Tensor]] = {}
-                    use = roles if g.kind is not Kind.CARRIED else (roles if first else [])
-                    for role in use:
-                        lst = []
-                        for k in g.keys:
-                            t = readers[role].read(k)
-                            if first:
-                                if role in digests:
-                                    digests[role][k] = tensor_digest(k, t)
-                                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                                    raise NonFiniteError(
-                                        f"tensor {k} in the {role} checkpoint {paths[role]} holds NaN or Inf; "
-                                        "nothing was written. Re-export or re-download that checkpoint."
-                                    )
-                            if pin and p.on_device and g.kind is not Kind.CARRIED:
-                                t = t.pin_memory()
-                            lst.append(t)
-                        out[role] = lst
-                    if "scratch" in p.inputs and g.kind is not Kind.CARRIED:
-                        out["scratch"] = [ctx.scratch.get(k, pin=pin and p.on_device) for k in g.keys]
-                    return out
-
-                writer = None
+                reads = _reads(p, i == 0, job.sources)
                 if p.output:
-                    state = _new_state(method, ctx, names, digests, prev)
-                    meta = dict(state.to_metadata())
-                    meta["format"] = "pt"
-                    writer = tx.writer(_layout(like, tx), meta)
-                    ctx.scalars["state"] = state
-                bar = _bar(progress, sum(g.input_bytes for g in pass_groups), f"step {step} {method.name}:{p.name}")
-                for g, data in _Prefetcher(pass_groups, fetch, budget, ctx.timings):
-                    if g.kind is Kind.CARRIED:
-                        if p.output:
-                            for k in g.keys:
-                                writer.write(k, like.read(k))
-                                _faults.point("engine.write")
-                        bar.update(g.input_bytes)
-                        continue
-                    t0 = time.perf_counter()
-                    if p.on_device and device.type != "cpu":
-                        data = {r: [t.to(device, non_blocking=True) for t in ts] for r, ts in data.items()}
-                    outs = method.process(p, g, data, ctx)
-                    ctx.timings["compute"] += time.perf_counter() - t0
-                    if p.output:
-                        t0 = time.perf_counter()
-                        for k, t in zip(g.keys, outs):
-                            writer.write(k, t.to("cpu").contiguous())
-                            _faults.point("engine.write")
-                        ctx.timings["write"] += time.perf_counter() - t0
-                    bar.update(g.input_bytes)
+                    state = job.state()
+                    worker.writer = job.sink.open(state)
+                    worker.copy_carried(carried, max(job.plan.budget // 4, 1 << 20))
+                runner = PassRunner(job, worker, p, reads, scan=i == 0)
+                bar = _bar(job.progress, sum(_bytes(u) for u in runner.units()), f"step {info.step} {method.name}:{p.name}")
+                sums, scan = executor.run_pass(runner, bar.update)
                 bar.close()
-                if first:
-                    _check_identity(prev, digests, names, paths, allow_duplicate)
-                method.end_pass(p, ctx)
-                ctx.timings[f"pass:{p.name}"] = time.perf_counter() - t_pass
+                for k, v in sums.timings.items():
+                    timings[k] = timings.get(k, 0.0) + v
+                if scan is not None:
+                    _finish_scan(scan, job)
+                if p.reduce is not None:
+                    p.reduce(sums)
+                timings[f"pass:{p.name}"] = time.perf_counter() - t_pass
                 _faults.point(f"engine.end_pass.{p.name}")
         finally:
-            if ctx.scratch is not None:
-                ctx.scratch.close()
-    ctx.timings["total"] = time.perf_counter() - total_start
-    return StepResult(
-        state=ctx.scalars["state"],
-        timings=dict(ctx.timings),
-        peak_rss_bytes=rss.peak,
-        baseline_rss_bytes=rss.baseline,
-        groups=len(groups),
-        warnings=ctx.warnings,
-        scalars={k: v for k, v in ctx.scalars.items() if k != "state"},
+            if store is not None:
+                store.close()
+    timings["total"] = time.perf_counter() - total_start
+    assert state is not None, "a method's passes must include one output pass"
+    details = {k: v for k, v in method.details().items() if _jsonable(v)}
+    return StepResult(state=state, timings=timings, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
+                      groups=len(job.plan.groups), warnings=list(info.warnings), details=details)
+
+
+def _reads(p: Pass, first: bool, sources: dict[str, Any]) -> tuple[str, ...]:
+    """The roles a pass reads; the first pass also reads base, new and merged (the engine's scan)."""
+    roles = [p.copy] if p.copy else list(p.reads)
+    if first:
+        roles += [r for r in ("base", "merged", "new") if r in sources and r not in roles]
+    return tuple(dict.fromkeys(roles))
+
+
+def _finish_scan(scan: ScanSums, job: StepJob) -> None:
+    """‖τt‖ and ‖θ(t−1) − θ0‖ for the state, or the first non-finite input named."""
+    tau_sq, m_sq = float(scan.tau_sq), float(scan.m_sq)
+    if not (math.isfinite(tau_sq) and math.isfinite(m_sq)):
+        _raise_non_finite(job)
+    job.info.tau_norm = math.sqrt(tau_sq)
+    job.info.m_norm = math.sqrt(m_sq)
+
+
+def _raise_non_finite(job: StepJob) -> None:
+    """Find the tensor behind a non-finite sum (only on this error path: one more read)."""
+    floating = [k for k, kind in job.classification.kinds.items() if kind is not Kind.CARRIED]
+    for role in ("base", "merged", "new"):
+        if role in job.sources:
+            err = non_finite_error(job.sources[role], floating, role, job.names.get(role, role))
+            if err is not None:
+                raise err
+    raise NonFiniteError(  # the inputs are finite but a difference overflowed float32
+        "a task vector overflows float32 (an input holds values near ±3.4e38); nothing was written."
     )
 
 
-def like_reader(method: Method, readers: dict[str, CheckpointReader]) -> CheckpointReader:
-    """The checkpoint the output mirrors (shards, dtypes, carried tensors, aux files): the current merged one.
-
-    Before the first step that is θ0, except for methods whose θ(1) is the first model itself.
-    """
-    if "merged" in readers:
-        return readers["merged"]
-    return readers["new"] if method.copies_first else readers["base"]
-
-
-def _layout(like: CheckpointReader, tx: OutputTransaction):
-    """The output mirrors the like-checkpoint's shards (one file when writing a bare .safetensors)."""
-    entries = []
-    for fname, keys in like.layout:
-        entries.append((fname, [(k, like.info(k).dtype, tuple(like.info(k).shape)) for k in keys]))
-    if tx.kind == "file":
-        merged = [e for _, lst in entries for e in lst]
-        return [(tx.out.name, merged)]
-    return entries
+def non_finite_error(src: Any, keys: list[str], role: str, where: str) -> NonFiniteError | None:
+    """The error naming the first of ``keys`` in ``src`` that holds NaN or Inf, or None (reads in 64 MiB blocks)."""
+    for k in keys:
+        info = src.info(k)
+        if not info.dtype.is_floating_point:
+            continue
+        for rows in _row_chunks(info.shape, info.nbytes, 64 << 20):
+            if not bool(torch.isfinite(src.read(k, rows=rows)).all()):
+                return NonFiniteError(
+                    f"tensor {k} in the {role} checkpoint {where} holds NaN or Inf; "
+                    "nothing was written. Re-export or re-download that checkpoint."
+                )
+    return None
 
 
-def _new_state(method: Method, ctx: StepContext, names, digests, prev: MergeState | None) -> MergeState:
-    base_hash = combine_digests(digests["base"])
-    new_hash = combine_digests(digests["new"])
-    norms = (list(prev.norms) if prev else []) + [float(ctx.scalars["norm"])]
-    models = (list(prev.models) if prev else []) + [{"name": names["new"], "hash": new_hash}]
-    return MergeState(
-        method=method.name,
-        params=dict(method.values),
-        step=ctx.step,
-        lam=float(method.finish(ctx)),
-        norms=norms,
-        base={"name": names["base"], "hash": base_hash},
-        models=models,
+def _bytes(u: Group | Streamed) -> int:
+    return u.input_bytes if isinstance(u, Group) else 0
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or (
+        isinstance(v, (tuple, list)) and all(isinstance(x, (int, float, str, bool)) for x in v)
     )
-
-
-def _check_identity(prev, digests, names, paths, allow_duplicate: bool) -> None:
-    if prev is None:
-        return
-    base_hash = combine_digests(digests["base"])
-    if base_hash != prev.base.get("hash"):
-        raise IncompatibleCheckpointError(
-            f"the merged checkpoint {paths['merged']} was made from base {prev.base.get('name')!r} "
-            f"(hash {prev.base.get('hash')}), but the given base {paths['base']} has hash {base_hash}; "
-            "pass the same base model that started this merge."
-        )
-    new_hash = combine_digests(digests["new"])
-    for i, m in enumerate(prev.models, start=1):
-        if m.get("hash") == new_hash and not allow_duplicate:
-            raise MergeStateError(
-                f"{paths['new']} was already merged at step {i} (as {m.get('name')!r}, same content hash); "
-                "merging it twice counts it twice. Pass --allow-duplicate (allow_duplicate=True) if you mean it."
-            )
 
 
 class _NoBar:
@@ -506,7 +415,7 @@ class _NoBar:
         pass
 
 
-def _bar(progress: bool, total: int, desc: str):
+def _bar(progress: bool, total: int, desc: str) -> Any:
     if not progress:
         return _NoBar()
     from tqdm.auto import tqdm

@@ -21,6 +21,7 @@ regular expressions (``projected=``/``averaged=``, CLI ``--project``/``--average
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import math
@@ -28,25 +29,31 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
+from . import _cache
 from .errors import ConfigError, IncompatibleCheckpointError
 
 __all__ = [
     "Kind",
     "Classification",
     "Group",
+    "Streamed",
+    "Plan",
+    "CostModel",
     "classify",
     "fallback_kind",
     "validate_inputs",
-    "make_groups",
+    "make_plan",
     "parse_size",
     "FLOAT_DTYPES",
 ]
 
 log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1  # bump when _module_types' result changes meaning
 
 #: Floating dtypes the kernels read and write.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,6 +72,8 @@ class Classification:
     kinds: dict[str, Kind]
     source: str  # "module types (<Class>)" or "fallback name rule"
     notes: list[str] = field(default_factory=list)
+    #: floating tensors owned directly by a module that has child modules (CLIP's class_embedding)
+    nonleaf: set[str] = field(default_factory=set)
 
     def keys_of(self, kind: Kind) -> list[str]:
         return sorted(k for k, v in self.kinds.items() if v is kind)
@@ -90,28 +99,42 @@ def fallback_kind(name: str, dtype: torch.dtype, shape: Sequence[int]) -> Kind:
     return Kind.AVERAGED
 
 
-def _linear_param_names(config_dir: Path) -> tuple[set[str], set[str], str]:
-    """Build the architecture on the meta device; return (linear weights, all params/buffers, class name)."""
-    import transformers
-
+def _module_types(config_dir: Path) -> dict[str, Any]:
+    """Linear weights, all parameter/buffer names, the class name and the parameters owned by
+    non-leaf modules, from the architecture built on the meta device (cached per config)."""
     cfg_path = config_dir / "config.json"
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw_bytes = cfg_path.read_bytes()
+        raw = json.loads(raw_bytes)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read config.json ({exc}).") from exc
+    import importlib.metadata
+
+    try:
+        tf_version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        tf_version = "?"
+    key = hashlib.sha256(raw_bytes + f"\0{tf_version}\0{torch.__version__}\0{_CACHE_FORMAT}".encode()).hexdigest()
+    cached = _cache.load(f"classify/{key}.json")
+    if isinstance(cached, dict) and set(cached) == {"linear", "names", "cls", "nonleaf"}:
+        return cached
+    result = _build_on_meta(config_dir, raw)
+    _cache.store(f"classify/{key}.json", result)
+    return result
+
+
+def _build_on_meta(config_dir: Path, raw: dict) -> dict[str, Any]:
+    import transformers
+
     config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    archs = raw.get("architectures") or []
     cls = None
-    for arch in archs:
+    for arch in raw.get("architectures") or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             break
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if cls is not None:
-            model = cls(config)
-        else:
-            model = transformers.AutoModel.from_config(config)
+        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     linear_types: tuple[type, ...] = (torch.nn.Linear,)
     try:
         from transformers.pytorch_utils import Conv1D
@@ -119,13 +142,17 @@ def _linear_param_names(config_dir: Path) -> tuple[set[str], set[str], str]:
         linear_types = linear_types + (Conv1D,)
     except ImportError:  # pragma: no cover - very old transformers
         pass
-    linear: set[str] = set()
+    linear: list[str] = []
+    nonleaf: list[str] = []
     for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
         if isinstance(module, linear_types):
-            linear.add(f"{mname}.weight" if mname else "weight")
+            linear.append(f"{prefix}weight")
+        if next(module.children(), None) is not None:  # parameters owned directly by a non-leaf module
+            nonleaf += [prefix + n for n, _ in module.named_parameters(recurse=False)]
     names = set(model.state_dict().keys())
     names.update(n for n, _ in model.named_parameters(remove_duplicate=False))
-    return linear, names, type(model).__name__
+    return {"linear": sorted(linear), "names": sorted(names), "cls": type(model).__name__, "nonleaf": sorted(nonleaf)}
 
 
 def _suffixes(name: str) -> list[str]:
@@ -168,9 +195,11 @@ def classify(
     notes: list[str] = []
     source = "fallback name rule"
     linear: set[str] | None = None
+    nonleaf: set[str] = set()
     if config_dir is not None and (config_dir / "config.json").is_file():
         try:
-            linear, names, cls_name = _linear_param_names(config_dir)
+            found = _module_types(config_dir)
+            linear, names, cls_name = set(found["linear"]), set(found["names"]), found["cls"]
             source = f"module types ({cls_name})"
         except ConfigError:
             raise
@@ -183,6 +212,7 @@ def classify(
         if unmatched:
             shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
             notes.append(f"{len(unmatched)} tensor(s) not found in the architecture, classified by the fallback rule: {shown}")
+        nonleaf = {k for k, name in mapping.items() if name in set(found["nonleaf"])}
         for k, (dtype, shape) in tensors.items():
             if not dtype.is_floating_point:
                 kinds[k] = Kind.CARRIED
@@ -211,7 +241,8 @@ def classify(
                     raise ConfigError(f"override {pat!r} matches {k} of shape {list(shape)}; only 2-D tensors can be projected.")
                 kinds[k] = kind
             notes.append(f"override {pat!r} -> {kind.value}: {len(hits)} tensor(s)")
-    return Classification(kinds=kinds, source=source, notes=notes)
+    nonleaf = {k for k in nonleaf if kinds[k] is not Kind.CARRIED}
+    return Classification(kinds=kinds, source=source, notes=notes, nonleaf=nonleaf)
 
 
 def validate_inputs(readers: dict, where: dict[str, str]) -> None:
@@ -285,72 +316,157 @@ def parse_size(value: str | int | float) -> int:
     return int(n)
 
 
-@dataclass
+class CostModel(Protocol):
+    """What the planner needs from a merge method (``methods.base.Method`` implements it)."""
+
+    @property
+    def projects(self) -> bool: ...
+
+    def cost(self, kind: Kind, shape: tuple[int, ...], itemsize_sum: int) -> int: ...
+
+    def stream_cost(self, shape: tuple[int, int], itemsize_sum: int, rows: int) -> int: ...
+
+
+@dataclass(frozen=True)
 class Group:
-    """Tensors processed together: projected groups share one shape (one batched SVD)."""
+    """Tensors processed together: whole tensors of one kind (projected ones share one shape:
+    one batched SVD), or one row block ``rows`` of one tensor too large to process whole."""
 
     kind: Kind
-    keys: list[str]
-    shape: tuple[int, ...] | None  # the common shape of a projected group
+    keys: tuple[str, ...]
     cost: int  # estimated working-set bytes while the group is computed (inputs included)
     input_bytes: int  # bytes of the stored inputs, what a prefetch of this group holds
+    rows: tuple[int, int] | None = None
 
 
-def make_groups(
+@dataclass(frozen=True)
+class Streamed:
+    """A projected matrix whose SVD pass runs block by block along its long side."""
+
+    key: str
+    shape: tuple[int, int]
+    block: int  # long-side rows per block
+    cost: int
+
+
+@dataclass
+class Plan:
+    """The groups of a step, in order, and the matrices whose SVD pass is streamed."""
+
+    groups: list[Group]
+    streamed: dict[str, Streamed]
+    budget: int
+
+    @property
+    def peak(self) -> int:
+        """The largest working set: a group computing plus the next one's inputs prefetched."""
+        peak = max((s.cost for s in self.streamed.values()), default=0)
+        for a, b in zip(self.groups, self.groups[1:] + [None]):
+            nxt = b.input_bytes if b is not None and a.cost + b.input_bytes <= self.budget else 0
+            peak = max(peak, a.cost + nxt)
+        return peak
+
+
+#: Fewest long-side rows a streamed block may have (below it the per-block overhead dominates).
+MIN_STREAM_ROWS = 16
+
+
+def make_plan(
     classification: Classification,
     infos: dict[str, tuple[tuple[int, ...], int]],
     budget: int,
-    cost: Callable[[str, Kind, tuple[int, ...], int], int],
-) -> list[Group]:
-    """Group the non-carried tensors so that each group's working set fits the budget.
+    model: CostModel,
+    *,
+    stage_budget: int | None = None,
+) -> Plan:
+    """Group the non-carried tensors so that each group's working set fits half the budget.
 
-    ``infos`` maps key -> (shape, summed input itemsize); ``cost`` estimates the
-    working-set bytes of one tensor, its inputs included. Same-shape projected
-    weights are batched. Groups are packed to half the budget so that one group
-    computing plus the next one prefetched fit; a tensor above half the budget
-    gets a group of its own and the engine does not prefetch beside it. A tensor
-    whose cost alone exceeds the budget is a ConfigError naming the smallest
-    budget that works.
+    ``infos`` maps key -> (shape, summed stored itemsize of the inputs). Same-shape projected
+    weights are batched (when the method projects). A tensor that does not fit whole is split
+    into row blocks for the element-wise passes, and a projected matrix is streamed in blocks
+    along its long side for the SVD pass (working set O(min(m, n)²) plus a block). Half the
+    budget per group leaves room for the next group's prefetch. ``stage_budget`` also bounds
+    each group's stored inputs (the pinned staging buffers of a GPU step). A budget too small
+    for some tensor is a ConfigError naming the smallest budget that works.
     """
-    worst_key, worst = None, 0
+    limit = max(budget // 2, 1)
+    in_limit = max(stage_budget // 2, 1) if stage_budget else None
+    need: tuple[int, str] = (0, "")
+    groups: list[Group] = []
+    streamed: dict[str, Streamed] = {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    whole: list[str] = []
     costs: dict[str, int] = {}
-    for k, kind in classification.kinds.items():
+    inputs: dict[str, int] = {}
+    split: list[str] = []
+    for k in sorted(classification.kinds):
+        kind = classification.kinds[k]
         if kind is Kind.CARRIED:
             continue
-        shape, itemsize = infos[k]
-        c = cost(k, kind, shape, itemsize)
-        costs[k] = c
-        if c > worst:
-            worst_key, worst = k, c
-    if worst > budget:
+        shape, isz = infos[k]
+        inputs[k] = math.prod(shape) * isz
+        costs[k] = model.cost(kind, shape, isz)
+        fits = costs[k] <= limit and (in_limit is None or inputs[k] <= in_limit)
+        if kind is Kind.PROJECTED and fits:
+            by_shape.setdefault(tuple(shape), []).append(k)
+        elif kind is Kind.PROJECTED and model.projects:
+            s = _stream(k, tuple(shape), isz, limit, model)
+            if s.block < min(MIN_STREAM_ROWS, max(shape)):
+                need = max(need, (2 * model.stream_cost(tuple(shape), isz, min(MIN_STREAM_ROWS, max(shape))), k))
+            streamed[k] = s
+            split.append(k)
+        elif fits:
+            whole.append(k)
+        else:
+            split.append(k)
+    rest: list[Group] = []
+    for k in split:
+        shape, isz = infos[k]
+        row_shape = tuple(shape[1:]) if len(shape) > 1 else ()
+        row_cost = model.cost(Kind.AVERAGED, row_shape, isz)
+        row_in = math.prod(row_shape) * isz
+        rows = limit // max(row_cost, 1)
+        if in_limit is not None:
+            rows = min(rows, in_limit // max(row_in, 1))
+        if rows < 1 or not shape:
+            need = max(need, (2 * row_cost, k))
+            rows = 1
+        n = shape[0] if shape else 1
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            rest.append(Group(classification.kinds[k], (k,), row_cost * (r1 - r0), row_in * (r1 - r0), (r0, r1)))
+    if need[0] > budget:
         raise ConfigError(
-            f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({worst_key}: "
-            f"{_fmt(worst)}); use --memory-budget {_fmt_up(worst)} or more."
+            f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
+            f"{_fmt(need[0])}); use --memory-budget {_fmt_up(need[0])} or more."
         )
-    groups: list[Group] = []
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for k in classification.keys_of(Kind.PROJECTED):
-        by_shape.setdefault(tuple(infos[k][0]), []).append(k)
-    inputs = {k: math.prod(infos[k][0]) * infos[k][1] for k in costs}
-    limit = max(budget // 2, 1)
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):
-        _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, shape)
-    _pack(groups, Kind.AVERAGED, classification.keys_of(Kind.AVERAGED), costs, inputs, limit, None)
-    return groups
+        _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit)
+    _pack(groups, Kind.AVERAGED, whole, costs, inputs, limit, in_limit)
+    return Plan(groups=groups + rest, streamed=streamed, budget=budget)
 
 
-def _pack(groups, kind: Kind, keys: list[str], costs: dict[str, int], inputs: dict[str, int], limit: int, shape) -> None:
+def _stream(key: str, shape: tuple[int, ...], isz: int, limit: int, model: CostModel) -> Streamed:
+    long = max(shape)
+    fixed = model.stream_cost(shape, isz, 0)  # type: ignore[arg-type]
+    per_row = max(model.stream_cost(shape, isz, 1) - fixed, 1)  # type: ignore[arg-type]
+    rows = max(0, min(long, (limit - fixed) // per_row))
+    return Streamed(key, (shape[0], shape[1]), int(rows), model.stream_cost(shape, isz, max(int(rows), 1)))  # type: ignore[arg-type]
+
+
+def _pack(groups: list[Group], kind: Kind, keys: list[str], costs: dict[str, int], inputs: dict[str, int],
+          limit: int, in_limit: int | None) -> None:
     cur: list[str] = []
-    cur_cost = 0
+    cur_cost = cur_in = 0
     for k in keys:
-        if cur and cur_cost + costs[k] > limit:
-            groups.append(Group(kind, cur, shape, cur_cost, sum(inputs[x] for x in cur)))
-            cur, cur_cost = [], 0
+        if cur and (cur_cost + costs[k] > limit or (in_limit is not None and cur_in + inputs[k] > in_limit)):
+            groups.append(Group(kind, tuple(cur), cur_cost, cur_in))
+            cur, cur_cost, cur_in = [], 0, 0
         cur.append(k)
         cur_cost += costs[k]
+        cur_in += inputs[k]
     if cur:
-        groups.append(Group(kind, cur, shape, cur_cost, sum(inputs[x] for x in cur)))
-
+        groups.append(Group(kind, tuple(cur), cur_cost, cur_in))
 
 def _fmt(n: int) -> str:
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 import opcm_ext
 import opcm_ext.errors as errors  # (`from opcm_ext import errors` recurses in the lazy __getattr__)
 from helpers import make_family, snapshot, temporaries, tiny_clip_vision_config
-from test_crash import Zygote  # the fork server that runs `opcm` without paying its imports each time
+from zygote import Zygote  # the fork server that runs `opcm` without paying its imports each time
 
 # ----------------------------------------------------------------------------------------------
 # the fixture family and the checks shared by every case
@@ -418,7 +418,7 @@ CASES = [
     pytest.param(Case(inf_in_base, E.NonFiniteError, r"tensor \S+ in the base checkpoint .*base holds NaN or Inf"), id="inf-in-base"),
     pytest.param(Case(nan_in_merged, E.NonFiniteError, r"tensor \S+ in the merged checkpoint .*merged holds NaN or Inf"), id="nan-in-merged"),
     # identity and merge state
-    pytest.param(Case(wrong_base, E.IncompatibleCheckpointError, r"merged was made from base 'base' \(hash [0-9a-f]+\), but the given base .*other_base has hash"), id="wrong-base"),
+    pytest.param(Case(wrong_base, E.IncompatibleCheckpointError, r"merged was made from base 'base' \(hash blake3:[0-9a-f]+\), but the given base .*other_base has hash"), id="wrong-base"),
     pytest.param(Case(duplicate_model, E.MergeStateError, r"task1_again was already merged at step 1 \(as 'task1', same content hash\).*--allow-duplicate"), id="duplicate-model"),
     pytest.param(Case(merged_without_state, E.MergeStateError, r"task2 carries no opcm-ext merge state"), id="merged-without-state"),
     # unsupported or corrupt files

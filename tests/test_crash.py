@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import pytest
 
 import opcm_ext
 from helpers import make_family, snapshot, tiny_clip_vision_config
+from zygote import Zygote
 from helpers import temporaries as leftovers
 
 pytestmark = pytest.mark.slow
@@ -73,108 +73,6 @@ PER_TENSOR = {"pass1.scratch_put", "writer.tensor", "engine.write"}
 # ----------------------------------------------------------------------------------------------
 # the zygote: fork a fresh `opcm` per run without paying the imports each time
 # ----------------------------------------------------------------------------------------------
-
-ZYGOTE = textwrap.dedent(
-    r"""
-    import json, os, sys, tempfile, traceback
-    from pathlib import Path
-    import opcm_ext.cli as cli
-    import opcm_ext.api, opcm_ext.plan, opcm_ext.checkpoint as checkpoint
-    from opcm_ext import _faults, engine
-
-    # warm the lazy imports classify() does (transformers, CLIP on the meta device: no compute)
-    import transformers
-    with tempfile.TemporaryDirectory() as d:
-        transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                      num_attention_heads=2).save_pretrained(d)
-        opcm_ext.plan._linear_param_names(Path(d))
-    cli.build_parser()
-
-    _put = engine.ScratchStore.put
-    def put(self, key, t):
-        _put(self, key, t)
-        _faults.point("pass1.scratch_put")
-    engine.ScratchStore.put = put
-
-    def child(job):
-        for fd, path in ((1, job["log"]), (2, job.get("err", job["log"]))):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        if job.get("no_exchange"):
-            checkpoint._renameat2 = None  # as on a filesystem without RENAME_EXCHANGE
-        if job.get("fill"):  # at this point another program fills the disk holding this file
-            at, path = job["fill"]
-            real_point = _faults.point
-            def point(name):
-                if name == at and not os.path.exists(path):
-                    f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-                    try:
-                        while os.write(f, bytes(1 << 16)):
-                            pass
-                    except OSError:  # ENOSPC: the disk is full now
-                        pass
-                    finally:
-                        os.close(f)
-                real_point(name)
-            _faults.point = point
-        _faults._configure(job.get("fault"), job.get("fault_log"))
-        try:
-            rc = cli.main(job["argv"])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            rc = 99
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        batch = json.loads(line)
-        jobs, parallel = batch["jobs"], batch["parallel"]
-        todo, running, codes = list(range(len(jobs))), {}, [None] * len(jobs)
-        while todo or running:
-            while todo and len(running) < parallel:
-                i = todo.pop(0)
-                pid = os.fork()
-                if pid == 0:
-                    child(jobs[i])
-                running[pid] = i
-            pid, status = os.wait()
-            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-        print(json.dumps(codes), flush=True)
-    """
-)
-
-
-class Zygote:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=tempfile.gettempdir())
-        self._ready = False
-
-    def run(self, jobs: list[dict], parallel: int = 2) -> list[int]:
-        """Run ``opcm`` once per job; their exit codes (-9: killed by SIGKILL).
-
-        A job: ``argv``; ``log`` (stdout, and stderr unless ``err`` names another file); optional
-        ``fault``/``fault_log`` (as OPCM_FAULT_AT/OPCM_FAULT_LOG), ``no_exchange`` (rename-aside swap)
-        and ``fill`` = (point name, file): at that point a filler file takes all free space of its disk.
-        """
-        if not self._ready:
-            assert self.proc.stdout.readline().strip() == "ready", "the zygote did not start"
-            self._ready = True
-        self.proc.stdin.write(json.dumps({"jobs": jobs, "parallel": parallel}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the zygote died"
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
 
 @pytest.fixture(scope="module")
 def zygote():

@@ -26,9 +26,12 @@ import pytest
 
 import opcm_ext
 import opcm_ext.errors as errors  # (`from opcm_ext import errors` recurses in the lazy __getattr__)
-from helpers import load_folder, make_family, snapshot, temporaries, tiny_clip_vision_config
-from test_crash import Zygote  # the fork server that runs `opcm` without paying its imports each time
+from helpers import make_family, snapshot, temporaries, tiny_clip_vision_config
+from zygote import Zygote  # the fork server that runs `opcm` without paying its imports each time
 
+# A budget small enough that Σ goes to the scratch file between the passes (the file under test);
+# with the default budget a model this small keeps Σ in memory.
+BUDGET = "200KB"
 DISK_FULL = r"disk full while writing .*: No space left on device; nothing was changed \(.*merged is as before"
 
 
@@ -37,17 +40,29 @@ def family(request, tmp_path_factory) -> dict:
     """base, task1..3, merged = OPCM(task1, task2) and want = OPCM(task1..3) (uninterrupted)."""
     root = tmp_path_factory.mktemp("disk_full_family")
     make_family(root, tiny_clip_vision_config(), "CLIPVisionModel", 3, seed=21, max_shard_size=request.param)
-    opcm_ext.merge_sequence(root / "base", [root / "task1", root / "task2"], root / "merged")
+    opcm_ext.merge_sequence(root / "base", [root / "task1", root / "task2"], root / "merged", memory_budget=BUDGET)
     shutil.copytree(root / "merged", root / "want")
-    opcm_ext.merge_stream(root / "base", root / "want", root / "task3")
+    spilled = []  # bytes of Σ that went to the scratch file (the rest stayed in memory)
+    real_pwrite = os.pwrite
+
+    def counting_pwrite(fd, data, offset):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "scratch.f32":
+            spilled.append(len(memoryview(data).cast("B")))
+        return real_pwrite(fd, data, offset)
+
+    os.pwrite = counting_pwrite
+    try:
+        opcm_ext.merge_stream(root / "base", root / "want", root / "task3", memory_budget=BUDGET)
+    finally:
+        os.pwrite = real_pwrite
+    assert sum(spilled) > 1000, "the budget must be small enough that part of Σ goes to the scratch file"
     shards = [n for n in os.listdir(root / "merged") if n.endswith(".safetensors")]
     assert len(shards) == (1 if request.param is None else 3), shards
-    tensors = load_folder(root / "want")
     return {
         "root": root,
         "want": snapshot(root / "want"),
-        # bytes written by pass 1 (fp32 scratch of every floating tensor) and by pass 2 (the shards)
-        "scratch": sum(4 * t.numel() for t in tensors.values() if t.is_floating_point()),
+        # bytes written by pass 1 (the part of Σ beyond the memory budget) and by pass 2 (the shards)
+        "scratch": sum(spilled),
         "output": sum((root / "want" / n).stat().st_size for n in shards),
     }
 
@@ -83,9 +98,9 @@ class DiskFull:
 
 
 # moment: (bytes let through before the disk is full, the file whose write then fails, where in it)
-# pass 1 writes the fp32 scratch (sigma.f32), pass 2 the shards' headers first, then tensor data.
+# pass 1 writes the fp32 scratch (scratch.f32), pass 2 the shards' headers first, then tensor data.
 MOMENTS = [
-    pytest.param(lambda scratch, output: 1000, r"sigma\.f32", "any", id="pass1-scratch"),
+    pytest.param(lambda scratch, output: 1000, r"scratch\.f32", "any", id="pass1-scratch"),
     pytest.param(lambda scratch, output: scratch + 100, r".*\.safetensors", "header", id="pass2-header"),
     pytest.param(lambda scratch, output: scratch + output // 2, r".*\.safetensors", "data", id="pass2-tensors"),
     pytest.param(lambda scratch, output: scratch + output - 100, r".*\.safetensors", "data", id="pass2-last-bytes"),
@@ -101,7 +116,7 @@ def test_enospc_mid_write_changes_nothing(family, moment, fails_in, part, tmp_pa
     monkeypatch.setattr(os, "pwrite", full)
 
     with pytest.raises(errors.OpcmError) as info:
-        opcm_ext.merge_stream(root / "base", merged, root / "task3")
+        opcm_ext.merge_stream(root / "base", merged, root / "task3", memory_budget=BUDGET)
     assert type(info.value) is errors.OutputError, repr(info.value)
     assert re.search(DISK_FULL, str(info.value)), str(info.value)
     assert "Free some disk space and retry" in str(info.value)
@@ -116,7 +131,7 @@ def test_enospc_mid_write_changes_nothing(family, moment, fails_in, part, tmp_pa
     assert temporaries(merged) == []
 
     monkeypatch.undo()  # space freed: the rerun gives exactly the uninterrupted result
-    opcm_ext.merge_stream(root / "base", merged, root / "task3")
+    opcm_ext.merge_stream(root / "base", merged, root / "task3", memory_budget=BUDGET)
     assert snapshot(merged) == family["want"]
     assert temporaries(merged) == []
 
@@ -135,7 +150,7 @@ def test_enospc_at_commit_fsync_changes_nothing(family, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(errors.OutputError, match=r"disk full while writing .*: No space left on device"):
-        opcm_ext.merge_stream(root / "base", merged, root / "task3")
+        opcm_ext.merge_stream(root / "base", merged, root / "task3", memory_budget=BUDGET)
     assert snapshot(merged) == before
     assert temporaries(merged) == []
 
@@ -154,7 +169,7 @@ def test_free_space_is_checked_up_front(family, tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     with pytest.raises(errors.OutputError) as info:
-        opcm_ext.merge_stream(root / "base", merged, root / "task3")
+        opcm_ext.merge_stream(root / "base", merged, root / "task3", memory_budget=BUDGET)
     msg = str(info.value)
     assert re.search(r"not enough free disk space for .*merged: need [\d.]+ MiB \(\d+ bytes of output \+ 1% \+ 16 MiB\), "
                      r"15\.0 MiB \(15728640 bytes\) free on the filesystem of .*; free some space", msg), msg
@@ -207,7 +222,7 @@ def test_real_full_disk_through_the_cli(family, small_disk, fill_at, zygote, tmp
     shutil.copytree(root / "merged", merged)
     before = snapshot(merged)
     filler = small_disk / "filler"
-    argv = ["step", str(root / "base"), str(merged), str(root / "task3"), "--no-progress"]
+    argv = ["step", str(root / "base"), str(merged), str(root / "task3"), "--no-progress", "--memory-budget", BUDGET]
     (r,) = run_opcm(zygote, tmp_path, argv, fill=(fill_at, str(filler)))
 
     assert filler.exists() and filler.stat().st_size > (20 << 20), "the disk was not filled"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Method, Param, Pass
 from .average import Average
+from .base import Batch, BlockSource, Choice, Method, Param, Pass, StepInfo, Sums
 from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
 from .ties import TIES
 
-__all__ = ["Method", "Param", "Pass", "METHODS", "get_method"]
+__all__ = ["Method", "Param", "Choice", "Pass", "Sums", "Batch", "BlockSource", "StepInfo", "METHODS", "get_method"]
 
 #: name -> Method subclass. Adding a method = one module + one line here.
 METHODS: dict[str, type[Method]] = {m.name: m for m in (OPCM, TaskArithmetic, TIES, Average)}

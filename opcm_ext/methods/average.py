@@ -1,11 +1,10 @@
-"""Continual averaging (SWA; ../shared/SPEC.md): θ(1) = θ1, θ(t) = ((t−1)·θ(t−1) + θt) / t."""
+"""Continual averaging (SWA): θ(1) = θ1, θ(t) = ((t−1)·θ(t−1) + θt) / t."""
 
 from __future__ import annotations
 
-import math
+import torch
 
-from .. import ops
-from .base import Method, Pass
+from .base import Batch, Method, Pass, Sums
 
 __all__ = ["Average"]
 
@@ -15,24 +14,14 @@ class Average(Method):
     params = {}
     copies_first = True
 
-    def passes(self, ctx):
-        if ctx.step == 1:
-            return [Pass("scan", ("base", "new")), Pass("write", ("new",), output=True, on_device=False)]
-        return [Pass("scan", ("base", "new")), Pass("write", ("merged", "new"), output=True)]
+    def passes(self) -> list[Pass]:
+        if self.info.step == 1:
+            return [Pass("scan", ("base", "new")), Pass("write", ("new",), output=True, copy="new")]
+        return [Pass("scan", ("base", "new")), Pass("write", ("merged", "new"), run=self._write, output=True)]
 
-    def process(self, p, group, tensors, ctx):
-        if p.name == "scan":
-            for b, nw in zip(tensors["base"], tensors["new"]):
-                ctx.accumulate("tau_sq", ops.deltas(b, None, nw)[3])
-            return None
-        if ctx.step == 1:
-            return tensors["new"]
-        t = ctx.step
+    def _write(self, batch: Batch, sums: Sums) -> list[torch.Tensor]:
+        t = self.info.step
         return [
-            (((t - 1) * m.float() + nw.float()) / t).to(ctx.out_dtype(k))
-            for k, m, nw in zip(group.keys, tensors["merged"], tensors["new"])
+            (((t - 1) * m.float() + nw.float()) / t).to(dt)
+            for m, nw, dt in zip(batch["merged"], batch["new"], batch.out_dtypes)
         ]
-
-    def end_pass(self, p, ctx):
-        if p.name == "scan":
-            ctx.scalars["norm"] = math.sqrt(ctx.value("tau_sq"))

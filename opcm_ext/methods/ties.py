@@ -1,30 +1,27 @@
-"""Continual TIES-Merging (../shared/SPEC.md) with an exact, streaming global threshold.
+"""Continual TIES-Merging with an exact, streaming global threshold.
 
-Rows are the two flattened vectors ``[θ(t−1) − θ0, τt]`` over every floating
-tensor. Each row keeps the entries whose magnitude is at least its
-``(d − ⌊d·keep⌋)``-th smallest magnitude. That k-th value is found without
-ever holding a row: magnitudes are non-negative fp32 numbers, whose bit
-patterns sort like unsigned integers, so a radix selection over the bits is
-exact: pass 1 counts the top 16 bits (32768 buckets: the sign bit is clear),
-pass 2 counts the low 16 bits inside the one bucket that holds rank k. Pass 3
-sums the elected signs over the whole checkpoint (the tie-break for entries
-whose column sum is zero), pass 4 merges and writes.
+Rows are the two flattened vectors ``[θ(t−1) − θ0, τt]`` over every floating tensor. Each row
+keeps the entries whose magnitude is at least its ``(d − ⌊d·keep⌋)``-th smallest magnitude. That
+k-th value is found without ever holding a row: magnitudes are non-negative fp32 numbers, whose
+bit patterns sort like unsigned integers, so a radix selection over the bits is exact: pass 1
+counts the top 16 bits (32768 buckets: the sign bit is clear), pass 2 counts the low 16 bits
+inside the one bucket that holds rank k. Pass 3 sums the elected signs over the whole checkpoint
+(the tie-break for entries whose column sum is zero), pass 4 merges and writes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from .. import ops
-from .base import Method, Param, Pass
+from .base import Batch, Method, Param, Pass, Sums, _zero
 
 __all__ = ["TIES", "radix_select_bucket"]
 
 _HI = 1 << 15  # buckets of the top 16 bits of a non-negative fp32 (sign bit clear)
 _LO = 1 << 16
-_ROWS = ("merged", "new")
 
 
 def radix_select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -39,6 +36,38 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().view(torch.int32)
 
 
+@dataclass
+class HiSums(Sums):
+    """Histogram of the top 16 bits of |M| and |T|, and the row length d."""
+
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(2, _HI, dtype=torch.int64))
+    d: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+
+@dataclass
+class LoSums(Sums):
+    """Histogram of the low 16 bits inside each row's threshold bucket."""
+
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(2, _LO, dtype=torch.int64))
+
+
+@dataclass
+class SignSums(Sums):
+    """Sum of the elected signs over the whole checkpoint."""
+
+    sign_sum: torch.Tensor = field(default_factory=_zero)
+
+
+@dataclass
+class TIESStep:
+    """TIES's state within one step: the radix selection and the tie-break."""
+
+    buckets: tuple[int, int] = (0, 0)
+    ranks: tuple[int, int] = (0, 0)
+    thresholds: tuple[float, float] = (0.0, 0.0)
+    majority: float = 0.0
+
+
 class TIES(Method):
     name = "ties"
     params = {
@@ -46,89 +75,88 @@ class TIES(Method):
         "keep": Param(0.2, 0.0, 1.0, low_open=True, high_open=True, help="fraction of entries kept per row"),
     }
 
-    def passes(self, ctx):
-        if ctx.step == 1:  # θ(1) = θ0 + λ·τ1
-            return [Pass("scan", ("base", "new")), Pass("write", ("base", "new"), output=True)]
+    def begin(self, info):
+        super().begin(info)
+        self.step_state = TIESStep()
+
+    def passes(self) -> list[Pass]:
+        if self.info.step == 1:  # θ(1) = θ0 + λ·τ1
+            return [Pass("scan", ("base", "new")), Pass("write", ("base", "new"), run=self._write_first, output=True)]
         rows = ("base", "merged", "new")
-        return [Pass("hist_hi", rows), Pass("hist_lo", rows), Pass("signs", rows), Pass("write", rows, output=True)]
+        return [
+            Pass("hist_hi", rows, run=self._hist_hi, sums=HiSums, reduce=self._select_bucket),
+            Pass("hist_lo", rows, run=self._hist_lo, sums=LoSums, reduce=self._select_threshold),
+            Pass("signs", rows, run=self._signs, sums=SignSums, reduce=self._majority),
+            Pass("write", rows, run=self._write, output=True),
+        ]
 
     def cost(self, kind, shape, itemsize_sum):
         return math.prod(shape) * (itemsize_sum + 8 * 4)
 
-    def _rows(self, tensors):
-        for b, m, nw in zip(tensors["base"], tensors["merged"], tensors["new"]):
-            M, T, ss_m, ss_t = ops.deltas(b, m, nw)
-            yield M.reshape(-1), T.reshape(-1), ss_t, m
+    def _rows(self, batch: Batch):
+        ms, ts = batch.deltas()
+        for M, T in zip(ms, ts):
+            yield M.reshape(-1), T.reshape(-1)
 
-    def _trimmed(self, M, T, ctx):
-        thr = ctx.scalars["thresholds"]
+    def _trimmed(self, M: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+        thr = self.step_state.thresholds
         return torch.stack([torch.where(M.abs() >= thr[0], M, 0.0), torch.where(T.abs() >= thr[1], T, 0.0)])
 
-    def process(self, p, group, tensors, ctx):
-        dev = ctx.device
-        if p.name == "scan":
-            for b, nw in zip(tensors["base"], tensors["new"]):
-                ctx.accumulate("tau_sq", ops.deltas(b, None, nw)[3])
-            return None
-        if p.name == "write" and ctx.step == 1:
-            lam = self.values["lam"]
-            return [(b.float() + lam * (nw.float() - b.float())).to(ctx.out_dtype(k))
-                    for k, b, nw in zip(group.keys, tensors["base"], tensors["new"])]
-        if p.name == "hist_hi":
-            hist = ctx.scalars.setdefault("hist_hi", torch.zeros(2, _HI, dtype=torch.int64, device=dev))
-            for M, T, ss_t, _ in self._rows(tensors):
-                ctx.accumulate("tau_sq", ss_t)
-                ctx.scalars["d"] = ctx.scalars.get("d", 0) + M.numel()
-                for r, x in enumerate((M, T)):
-                    hist[r] += torch.bincount((_bits(x) >> 16).to(torch.int64), minlength=_HI)
-            return None
-        if p.name == "hist_lo":
-            hist = ctx.scalars.setdefault("hist_lo", torch.zeros(2, _LO, dtype=torch.int64, device=dev))
-            buckets = ctx.scalars["buckets"]
-            for M, T, _, _ in self._rows(tensors):
-                for r, x in enumerate((M, T)):
-                    bits = _bits(x)
-                    sel = bits[(bits >> 16) == buckets[r]] & 0xFFFF
-                    hist[r] += torch.bincount(sel.to(torch.int64), minlength=_LO)
-            return None
-        if p.name == "signs":
-            for M, T, _, _ in self._rows(tensors):
-                s = self._trimmed(M, T, ctx).sum(0)
-                ctx.accumulate("sign_sum", torch.sign(s).sum(dtype=torch.float64))
-            return None
-        # write: elected sign per entry, zero sums take the majority sign, keep the agreeing entries.
+    def _write_first(self, batch: Batch, sums: Sums) -> list[torch.Tensor]:
         lam = self.values["lam"]
-        majority = ctx.scalars["majority"]
+        return [(b.float() + lam * (nw.float() - b.float())).to(dt)
+                for b, nw, dt in zip(batch["base"], batch["new"], batch.out_dtypes)]
+
+    def _hist_hi(self, batch: Batch, sums: HiSums) -> None:
+        for M, T in self._rows(batch):
+            sums.d += M.numel()
+            for r, x in enumerate((M, T)):
+                sums.hist[r] += torch.bincount((_bits(x) >> 16).to(torch.int64), minlength=_HI)
+
+    def _select_bucket(self, sums: HiSums) -> None:
+        d = int(sums.d)
+        k = d - math.floor(d * self.values["keep"])  # 1-based rank of the threshold (k >= 1 as keep < 1)
+        hist = sums.hist.cpu()
+        sel = [radix_select_bucket(hist[r], k) for r in range(2)]
+        self.step_state.buckets = (sel[0][0], sel[1][0])
+        self.step_state.ranks = (sel[0][1], sel[1][1])
+
+    def _hist_lo(self, batch: Batch, sums: LoSums) -> None:
+        for M, T in self._rows(batch):
+            for r, x in enumerate((M, T)):
+                bits = _bits(x)
+                sel = bits[(bits >> 16) == self.step_state.buckets[r]] & 0xFFFF
+                sums.hist[r] += torch.bincount(sel.to(torch.int64), minlength=_LO)
+
+    def _select_threshold(self, sums: LoSums) -> None:
+        hist = sums.hist.cpu()
+        thr = []
+        for r in range(2):
+            lo, _ = radix_select_bucket(hist[r], self.step_state.ranks[r])
+            bits = (self.step_state.buckets[r] << 16) | lo
+            thr.append(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item())
+        self.step_state.thresholds = (thr[0], thr[1])
+
+    def _signs(self, batch: Batch, sums: SignSums) -> None:
+        for M, T in self._rows(batch):
+            s = self._trimmed(M, T).sum(0)
+            sums.sign_sum += torch.sign(s).sum(dtype=torch.float64)
+
+    def _majority(self, sums: SignSums) -> None:
+        total = float(sums.sign_sum)
+        self.step_state.majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
+
+    def _write(self, batch: Batch, sums: Sums) -> list[torch.Tensor]:
+        # Elected sign per entry, zero sums take the majority sign, keep the agreeing entries.
+        lam = self.values["lam"]
+        majority = self.step_state.majority
         outs = []
-        for k, (M, T, _, m) in zip(group.keys, self._rows(tensors)):
-            trimmed = self._trimmed(M, T, ctx)
+        for (M, T), m, dt in zip(self._rows(batch), batch["merged"], batch.out_dtypes):
+            trimmed = self._trimmed(M, T)
             sign = torch.sign(trimmed.sum(0))
             sign = torch.where(sign == 0, torch.full_like(sign, majority), sign)
             # The published rule: keep x > 0 where the sign is positive, else x < 0 (also for a sign of 0).
             agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
             merged = (trimmed * agree).sum(0)
-            outs.append((m.float() + lam * merged.reshape(m.shape)).to(ctx.out_dtype(k)))
+            outs.append((m.float() + lam * merged.reshape(m.shape)).to(dt))
         return outs
-
-    def end_pass(self, p, ctx):
-        if p.name in ("scan", "hist_hi"):
-            ctx.scalars["norm"] = math.sqrt(ctx.value("tau_sq"))
-        if p.name == "hist_hi":
-            d = ctx.scalars["d"]
-            k = d - math.floor(d * self.values["keep"])  # 1-based rank of the threshold (k >= 1 as keep < 1)
-            ctx.scalars["k"] = k
-            hist = ctx.scalars.pop("hist_hi").cpu()
-            sel = [radix_select_bucket(hist[r], k) for r in range(2)]
-            ctx.scalars["buckets"] = [b for b, _ in sel]
-            ctx.scalars["ranks"] = [rank for _, rank in sel]
-        elif p.name == "hist_lo":
-            hist = ctx.scalars.pop("hist_lo").cpu()
-            thr = []
-            for r in range(2):
-                lo, _ = radix_select_bucket(hist[r], ctx.scalars["ranks"][r])
-                bits = (ctx.scalars["buckets"][r] << 16) | lo
-                thr.append(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item())
-            ctx.scalars["thresholds"] = thr
-        elif p.name == "signs":
-            total = ctx.value("sign_sum")
-            ctx.scalars["majority"] = float(math.copysign(1.0, total)) if total != 0 else 0.0
