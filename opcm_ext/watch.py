@@ -11,8 +11,9 @@ beside a bare file). Complete inputs are merged in arrival order: the time each 
 A rejected input (the input's own fault: corrupt, incompatible with BASE, non-finite, already merged
 under another name) is moved to ``INBOX/.rejected/`` with ``NAME.reason.txt`` beside it, and the
 watcher goes on; any other failure stops it and leaves the input in place. What was merged is
-in MERGED's merge state; the ledger ``INBOX/.opcm-watch.jsonl`` remembers, across restarts, each
-input the watcher finished with (merged, rejected, recognised) under the fingerprint of its files.
+in MERGED's merge state (an input is recognised there by name and content hash); the ledger
+``INBOX/.opcm-watch.jsonl`` remembers, across restarts, each input the watcher finished with
+(merged, rejected, recognised) under the fingerprint of its files.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .errors import (
     MergeStateError,
     NonFiniteError,
 )
+from .state import MergeState
 
 __all__ = ["Watcher", "Entry", "scan_inbox", "add_arguments", "main", "READY", "REJECTED", "LEDGER"]
 
@@ -153,13 +155,19 @@ def scan_inbox(inbox: Path) -> list[Entry]:
     return entries
 
 
-def same_content(recorded_hash: str, path: Path) -> bool | None:
-    """Whether ``path`` holds the model a merge state recorded as ``recorded_hash``; None: cannot tell yet.
+def same_content(recorded_hash: str, path: Path) -> bool:
+    """Whether ``path`` holds the model a merge state recorded as ``recorded_hash`` (in that hash's scheme).
 
-    The one switch to exact recognition (for the lead, once opcm_ext.io lands): replace the return by
-    ``with CheckpointReader(path) as r: return hashing.same_model(recorded_hash, r)``.
+    The hash is cached by file identity, so the step that follows does not hash the input again.
     """
-    return None
+    from . import io
+
+    try:
+        io.hash_algorithm(recorded_hash)
+    except ValueError as e:
+        raise MergeStateError(f"the merge state of the output records a malformed model hash: {e}") from None
+    with io.CheckpointReader(path) as r:
+        return io.same_model(recorded_hash, r)
 
 
 def input_at_fault(exc: InputError) -> bool:
@@ -213,9 +221,11 @@ def _inside(p: Path, folder: Path) -> bool:
 
 def _finish_interrupted(out: Path) -> None:
     """Finish or undo what a step killed mid-swap left beside MERGED, so MERGED is seen as merge_stream sees it."""
-    from .api import _recover_interrupted  # the lead's single place for it (a public name is proposed)
+    from . import io
 
-    _recover_interrupted(out)
+    if io.needs_recovery(out):
+        for note in io.recover_output(out):
+            log.info(note)
 
 
 class Watcher:
@@ -248,6 +258,7 @@ class Watcher:
         self._log = log_to if log_to is not None else sys.stdout
         self._stop = False
         self._waiting: dict[str, str] = {}
+        self._once: set[str] | None = None  # with run(once=True): the inputs handled in this run
         self.steps = 0
         if not self.settle >= 0 or not self.poll > 0:
             raise ConfigError(f"--settle must be >= 0 and --poll > 0 seconds (got {settle} and {poll}).")
@@ -296,13 +307,13 @@ class Watcher:
         if recorded != self.base.name:
             log.warning("%s was started from a base named %r; --base is %s (the merge checks their hashes)",
                         self.out, recorded, self.base)
-        if same_content(state.base["hash"], self.base) is False:
+        if not same_content(state.base["hash"], self.base):
             raise IncompatibleCheckpointError(
                 f"{self.out} was merged from base {recorded!r} ({state.base['hash']}), not from {self.base}; "
                 "pass the base that started this merge."
             )
 
-    def _state(self):
+    def _state(self) -> MergeState | None:
         """MERGED's merge state, or None when MERGED does not exist yet."""
         from .api import read_state
 
@@ -335,7 +346,7 @@ class Watcher:
         now = self.clock()
         ready = []
         for e in scan_inbox(self.inbox):
-            if self.ledger.done(e):
+            if self.ledger.done(e) or (self._once is not None and e.name in self._once):
                 continue
             t = e.arrival(now, self.settle)
             if t is None:
@@ -357,20 +368,18 @@ class Watcher:
         if not pending:
             return None
         entry = pending[0]
+        if self._once is not None:  # --once ends: each input at most once, even one rewritten under us
+            self._once.add(entry.name)
         state = self._state()
-        known = self._recorded_step(state, entry) if state is not None else None
-        if known is not None:
-            rec = self._record(entry, "already-merged", step=known, method=state.method,
-                               note=f"MERGED records {entry.name!r} at step {known}; not merged again")
-            self.ledger.add(entry, "already-merged", rec["time"])
-            return rec
         from .api import merge_stream
 
         started = time.perf_counter()
         exists = state is not None
         try:
-            report = merge_stream(self.base, self.out if exists else None, entry.path, None if exists else self.out,
-                                  **self.options)
+            known = self._recorded_step(state, entry) if exists else None
+            if known is None:
+                report = merge_stream(self.base, self.out if exists else None, entry.path,
+                                      None if exists else self.out, **self.options)
         except InputError as exc:
             if not input_at_fault(exc):
                 self._record(entry, "stopped", error=f"{type(exc).__name__}: {exc}", seconds=_since(started))
@@ -383,6 +392,12 @@ class Watcher:
             self._record(entry, "failed", error=f"{type(exc).__name__}: {exc}", seconds=_since(started),
                          note="stopping; the input is left in place")
             raise
+        if known is not None:
+            rec = self._record(entry, "already-merged", step=known, method=state.method,
+                               note=f"{self.out.name} records {entry.name!r} at step {known} (same content); "
+                                    "not merged again")
+            self.ledger.add(entry, "already-merged", rec["time"])
+            return rec
         self.steps += 1
         extra = {}
         if inspect_entry(entry.path) != entry:
@@ -394,16 +409,18 @@ class Watcher:
         self.ledger.add(entry, "merged", rec["time"])
         return rec
 
-    def _recorded_step(self, state, entry: Entry) -> int | None:
-        """The step at which MERGED's state records this input (by name, confirmed by hash when possible)."""
-        steps = [i for i, m in enumerate(state.models, start=1) if m.get("name") == entry.name]
-        for i in reversed(steps):
-            same = same_content(state.models[i - 1]["hash"], entry.path)
-            if same is None or same:  # by name alone until the hash can be compared
+    def _recorded_step(self, state: MergeState, entry: Entry) -> int | None:
+        """The step at which MERGED's state records this input: same name and same content hash.
+
+        Only a name match is hashed here; the same content under another name is merge_stream's
+        duplicate refusal (a rejection), since the watcher did not merge it under that name.
+        """
+        for i, m in reversed(list(enumerate(state.models, start=1))):
+            if m.get("name") == entry.name and same_content(m["hash"], entry.path):
                 return i
         return None
 
-    def _reject(self, entry: Entry, exc: InputError, state, seconds: float) -> dict[str, Any]:
+    def _reject(self, entry: Entry, exc: InputError, state: MergeState | None, seconds: float) -> dict[str, Any]:
         if not entry.path.exists() and not entry.path.is_symlink():
             return self._record(entry, "vanished", error=str(exc), seconds=seconds)
         folder = self.inbox / REJECTED
@@ -464,6 +481,7 @@ class Watcher:
         self.log_line({"event": "start", "time": _iso(self.clock()), "inbox": str(self.inbox), "base": str(self.base),
                        "out": str(self.out), "once": once, "settle": self.settle})
         reason = "error"
+        self._once = set() if once else None
         try:
             while not self._stop:
                 if self.step() is None:
@@ -499,7 +517,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `opcm watch` other than the merge options (cli.py adds those)."""
     p.add_argument("inbox", help="the folder to watch for new fine-tuned checkpoints (folders or .safetensors files)")
     p.add_argument("--base", required=True, help="the pre-trained checkpoint every input was fine-tuned from")
-    p.add_argument("-o", "--out", required=True, help="the merged checkpoint: created by the first input, then continued")
+    p.add_argument("-o", "--out", required=True,
+                   help="the merged checkpoint: created by the first input, then continued")
     p.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                    help="an input is complete when its files have not changed for this long (default 30); "
                         "a READY file in it says so at once")
