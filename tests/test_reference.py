@@ -562,3 +562,112 @@ def test_classify_by_module_clip():
     for k in ("embeddings.position_embedding.weight", "embeddings.patch_embedding.weight", "embeddings.class_embedding",
               "pre_layrnorm.weight", "encoder.layers.0.mlp.fc1.bias"):
         assert kinds["vision_model." + k] == AVERAGED
+
+
+# ---------------------------------------------------------------- compat modes (FusionBench's code)
+#
+# Hand-computed with a zero base, so task vectors are the models themselves and every value is
+# exact: "w" projected 3x3, "b" averaged, "cls" a parameter owned by a non-leaf module.
+W1 = torch.diag(torch.tensor([3.0, 2.0, 1.0]))  # S = (3, 2, 1): ratios 0.5, 0.83, 1 -> r = 1 at α = 0.5
+T2 = torch.arange(1.0, 10.0).reshape(3, 3)
+COMPAT_BASE = {"w": torch.zeros(3, 3), "b": torch.zeros(2), "cls": torch.zeros(2)}
+COMPAT_M1 = {"w": W1, "b": torch.tensor([1.0, 0.0]), "cls": torch.tensor([0.0, 2.0])}
+COMPAT_M2 = {"w": T2, "b": torch.tensor([0.0, 1.0]), "cls": torch.tensor([4.0, 0.0])}
+# U = V = I (up to signs, which cancel): P = T2. Paper/fusionbench zero the diagonal and P[:1, :1];
+# release only P[:1, :1].
+TP_PAPER = torch.tensor([[0.0, 2, 3], [4, 0, 6], [7, 8, 0]])
+TP_RELEASE = torch.tensor([[0.0, 2, 3], [4, 5, 6], [7, 8, 9]])
+
+
+def test_project_release_keeps_the_diagonal():
+    torch.testing.assert_close(project(W1, T2, 0.5), TP_PAPER, atol=1e-6, rtol=0)
+    torch.testing.assert_close(project(W1, T2, 0.5, zero_diagonal=False), TP_RELEASE, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "compat, sigma",
+    [
+        # Σ = λ(1)·M + T' (λ(1) = 1); paper merges cls too: M + τ = [0, 2] + [4, 0].
+        ("paper", {"w": W1 + TP_PAPER, "b": torch.tensor([1.0, 1.0]), "cls": torch.tensor([4.0, 2.0])}),
+        # fusionbench: cls is never merged; its merged task vector M = [0, 2] stays in Σ.
+        ("fusionbench", {"w": W1 + TP_PAPER, "b": torch.tensor([1.0, 1.0]), "cls": torch.tensor([0.0, 2.0])}),
+        ("release", {"w": W1 + TP_RELEASE, "b": torch.tensor([1.0, 1.0]), "cls": torch.tensor([0.0, 2.0])}),
+    ],
+)
+def test_compat_step_hand_computed(compat, sigma):
+    ref = OPCMRef(0.5, compat=compat)
+    ref.step(COMPAT_BASE, COMPAT_M1, {"w"}, unmerged={"cls"})
+    out = ref.step(COMPAT_BASE, COMPAT_M2, {"w"}, unmerged={"cls"})
+    n1, n2 = math.sqrt(19.0), math.sqrt(285.0 + 1 + 16)  # ‖τ1‖, ‖τ2‖
+    sigma_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in sigma.values()))
+    assert sigma_norm == pytest.approx({"paper": math.sqrt(214), "fusionbench": math.sqrt(198),
+                                        "release": math.sqrt(342)}[compat], rel=1e-12)
+    lam = sigma_norm / ((n1 + n2) / 2)
+    assert ref.lam == pytest.approx(lam, rel=1e-6)
+    for k, v in sigma.items():
+        torch.testing.assert_close(out[k], v / lam, atol=1e-6, rtol=1e-6)
+    # P2 holds in every mode: the unmerged tensor's part is inside Σ.
+    assert flat_norm(out) == pytest.approx((n1 + n2) / 2, rel=1e-6)
+
+
+def test_fusionbench_unmerged_tensor_decays_by_one_over_lambda_each_step():
+    m3 = {"w": torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 5]]), "b": torch.tensor([2.0, 2.0]),
+          "cls": torch.tensor([9.0, 9.0])}
+    ref = OPCMRef(0.5, compat="fusionbench")
+    lams = []
+    for m in (COMPAT_M1, COMPAT_M2, m3):
+        out = ref.step(COMPAT_BASE, m, {"w"}, unmerged={"cls"})
+        lams.append(ref.lam)
+    torch.testing.assert_close(out["cls"], COMPAT_M1["cls"] / (lams[1] * lams[2]), atol=1e-6, rtol=1e-6)
+    # the functional form agrees with the stepwise one
+    merged, lams2, _ = opcm_merge(COMPAT_BASE, [COMPAT_M1, COMPAT_M2, m3], {"w"}, compat="fusionbench",
+                                  unmerged={"cls"})
+    assert lams2 == pytest.approx(lams)
+    torch.testing.assert_close(merged["cls"], out["cls"])
+
+
+def test_paper_mode_ignores_unmerged_keys_and_modes_are_checked():
+    a, _, _ = opcm_merge(COMPAT_BASE, [COMPAT_M1, COMPAT_M2], {"w"}, compat="paper", unmerged={"cls"})
+    b, _, _ = opcm_merge(COMPAT_BASE, [COMPAT_M1, COMPAT_M2], {"w"})
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert opcm_ref.COMPAT_MODES == ("paper", "fusionbench", "release")
+    with pytest.raises(ValueError, match="compat"):
+        OPCMRef(compat="fusion")
+    with pytest.raises(ValueError, match="both projected and unmerged"):
+        OPCMRef(compat="fusionbench").step(COMPAT_BASE, COMPAT_M1, {"w"}, unmerged={"w"})
+    with pytest.raises(ValueError, match="unmerged key 'nope'"):
+        OPCMRef(compat="release").step(COMPAT_BASE, COMPAT_M1, {"w"}, unmerged={"nope"})
+    resumed = OPCMRef.from_state(COMPAT_M1, 1, 1.0, [math.sqrt(19.0)], compat="fusionbench")
+    out = resumed.step(COMPAT_BASE, COMPAT_M2, {"w"}, unmerged={"cls"})
+    torch.testing.assert_close(out["cls"], torch.tensor([0.0, 2.0]) / resumed.lam)
+
+
+def test_nonleaf_parameter_keys():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.zeros(4))  # on a module with children: never merged there
+            self.register_buffer("scale", torch.ones(4))  # buffers are not parameters
+            self.proj = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.LayerNorm(4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.head = torch.nn.Linear(4, 2)
+            self.bias = torch.nn.Parameter(torch.zeros(2))
+
+    net = Net()
+    assert opcm_ref.nonleaf_parameter_keys(net) == {"block.token", "bias"}
+    keys = ["model." + k for k in net.state_dict()]
+    assert opcm_ref.nonleaf_parameter_keys(net, keys) == {"model.block.token", "model.bias"}
+    import transformers
+
+    with torch.device("meta"):
+        vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+            patch_size=4))
+    ckpt = {"vision_model." + k: v for k, v in vis.state_dict().items()}
+    assert opcm_ref.nonleaf_parameter_keys(vis, ckpt) == {"vision_model.embeddings.class_embedding"}

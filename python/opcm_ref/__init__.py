@@ -13,9 +13,9 @@ from .baselines import (
     ties_combine,
     ties_merge,
 )
-from .classify import AVERAGED, CARRIED, PROJECTED, classify, classify_by_module
+from .classify import AVERAGED, CARRIED, PROJECTED, classify, classify_by_module, nonleaf_parameter_keys
 from .metrics import acc, bwt
-from .opcm import OPCMRef, drop_tolerance, opcm_merge, project, split_rank
+from .opcm import COMPAT_MODES, OPCMRef, drop_tolerance, opcm_merge, project, split_rank
 from .tensors import flat_norm, task_vector
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "CARRIED",
     "classify",
     "classify_by_module",
+    "nonleaf_parameter_keys",
+    "COMPAT_MODES",
     "split_rank",
     "drop_tolerance",
     "project",

@@ -105,7 +105,7 @@ def ties_combine(rows: torch.Tensor, keep: float) -> torch.Tensor:
 class TiesRef(_StepwiseRef):
     """Continual TIES-Merging (merge function `sum`)."""
 
-    def __init__(self, lam: float = 0.5, keep: float = 0.2) -> None:
+    def __init__(self, lam: float = 0.3, keep: float = 0.2) -> None:
         super().__init__()
         keep = float(keep)
         if not (0.0 < keep < 1.0):
@@ -149,7 +149,7 @@ class TiesRef(_StepwiseRef):
         return dict(out)
 
 
-def ties_merge(base: StateDict, models: Iterable[StateDict], lam: float = 0.5, keep: float = 0.2) -> dict[str, torch.Tensor]:
+def ties_merge(base: StateDict, models: Iterable[StateDict], lam: float = 0.3, keep: float = 0.2) -> dict[str, torch.Tensor]:
     """Continual TIES-Merging over `models` in order."""
     return TiesRef(lam, keep)._merge(base, models)
 

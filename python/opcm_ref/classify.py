@@ -8,7 +8,7 @@ import torch
 
 from .tensors import StateDict, is_floating
 
-__all__ = ["PROJECTED", "AVERAGED", "CARRIED", "classify", "classify_by_module"]
+__all__ = ["PROJECTED", "AVERAGED", "CARRIED", "classify", "classify_by_module", "nonleaf_parameter_keys"]
 
 PROJECTED = "projected"
 AVERAGED = "averaged"
@@ -52,6 +52,14 @@ def _linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _matching_names(key: str, names: Iterable[str]) -> list[str]:
+    """Model tensor names a checkpoint key stands for: itself, else by dotted suffix either way."""
+    names = list(names)
+    if key in names:
+        return [key]
+    return [n for n in names if key.endswith("." + n) or n.endswith("." + key)]
+
+
 def classify_by_module(
     model: torch.nn.Module, state_dict_keys: Iterable[str] | StateDict
 ) -> dict[str, str]:
@@ -84,14 +92,7 @@ def classify_by_module(
     given_dtypes = state_dict_keys if isinstance(state_dict_keys, Mapping) else None
     kinds: dict[str, str] = {}
     for key in sorted(state_dict_keys):
-        if key in model_kind:
-            cands = [model_kind[key]]
-        else:
-            cands = [
-                v
-                for n, v in model_kind.items()
-                if key.endswith("." + n) or n.endswith("." + key)
-            ]
+        cands = [model_kind[n] for n in _matching_names(key, model_kind)]
         if not cands:
             raise ValueError(
                 f"checkpoint key {key!r} matches no parameter or buffer of "
@@ -111,3 +112,34 @@ def classify_by_module(
             )
         kinds[key] = found.pop()
     return kinds
+
+
+def nonleaf_parameter_keys(
+    model: torch.nn.Module, state_dict_keys: Iterable[str] | None = None
+) -> set[str]:
+    """Parameters registered directly on a module that has child modules (meta device is fine).
+
+    FusionBench's OPCM merges leaf modules only, so these are the tensors it never
+    merges (CLIP vision: ``embeddings.class_embedding``). Buffers are not included.
+    With ``state_dict_keys`` the result is given as those checkpoint keys (matched
+    exactly, else by dotted suffix as in ``classify_by_module``, the longest model
+    name winning: ``model.head.bias`` is ``head.bias``, not a top-level ``bias``);
+    otherwise as the model's own parameter names.
+    """
+    found: set[str] = set()
+    names: set[str] = set()
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        prefix = mod_name + "." if mod_name else ""
+        own = [prefix + n for n, _ in mod.named_parameters(recurse=False)]
+        names.update(own)
+        names.update(prefix + n for n, _ in mod.named_buffers(recurse=False))
+        if next(mod.children(), None) is not None:
+            found.update(own)  # not a leaf: FusionBench never merges these
+    if state_dict_keys is None:
+        return found
+    out = set()
+    for key in state_dict_keys:
+        cands = _matching_names(key, names)
+        if cands and max(cands, key=len) in found:
+            out.add(key)
+    return out

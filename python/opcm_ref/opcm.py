@@ -2,6 +2,22 @@
 
 Plain on purpose: whole checkpoints in memory, FULL SVD (m x m U, n x n V),
 float32 arithmetic. This is the oracle the fast paths are tested against.
+
+Compatibility modes (``compat=``), SPEC "Where FusionBench's code differs":
+- ``"paper"`` (default): the paper's math, every floating tensor merged.
+- ``"fusionbench"``: as FusionBench's OPCM (fusion-bench 0.2.33,
+  ``fusion_bench/method/opcm/opcm_general.py``) behaves. It merges module by
+  module over *leaf* modules only, so a parameter registered directly on a
+  module that has child modules (CLIP's ``embeddings.class_embedding``; the
+  ``unmerged`` keys, found by ``classify.nonleaf_parameter_keys``) is never
+  merged. At every step t >= 2 it keeps its current merged task vector
+  ``M = θ(t-1) - θ0`` (NOT ``λ(t-1)·M``, NOT ``+ τt``) in Σ, so M counts in
+  ‖Σ‖, and the final rescale gives ``θ(t) = θ0 + M / λ(t)``: the first model's
+  value decays towards θ0 by 1/λ(t) per step.
+- ``"release"``: as ``"fusionbench"``, and the diagonal of ``P`` is never
+  zeroed (the code behind the paper's Table 1 and FusionBench before
+  2025-03-18 called ``P.diag().fill_(0)``, which fills a copy); only
+  ``P[:r, :r] = 0`` is applied.
 """
 
 from __future__ import annotations
@@ -19,9 +35,19 @@ from .tensors import (
     is_floating,
 )
 
-__all__ = ["split_rank", "drop_tolerance", "project", "OPCMRef", "opcm_merge"]
+__all__ = ["COMPAT_MODES", "split_rank", "drop_tolerance", "project", "OPCMRef", "opcm_merge"]
 
 _EPS32 = torch.finfo(torch.float32).eps
+
+# "paper": SPEC's math; "fusionbench": FusionBench's current OPCM; "release": the
+# code release behind the paper's Table 1 (FusionBench before 2025-03-18).
+COMPAT_MODES = ("paper", "fusionbench", "release")
+
+
+def _check_compat(compat: str) -> str:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    return compat
 
 
 def split_rank(S: torch.Tensor, alpha: float) -> int:
@@ -51,8 +77,12 @@ def drop_tolerance(S: torch.Tensor, m: int, n: int) -> float:
     return float(S[0]) * max(m, n) * _EPS32
 
 
-def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float64, *,
+            zero_diagonal: bool = True) -> torch.Tensor:
     """T' of one projected tensor: SPEC "OPCM step" with the full SVD.
+
+    ``zero_diagonal=False`` skips ``P[i, i] = 0`` (compat ``"release"``); ``P[:r, :r] = 0``
+    is applied either way.
 
     Computed in float64 and returned as float32: a float32 full SVD of a 768x3072
     matrix is itself only accurate to ~1e-4 relative, too coarse to judge a fast
@@ -83,8 +113,9 @@ def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype =
     P = U.mT @ T @ V
     # set `P[i, i] = 0` for every `i < min(m, n)` (only the kept triplets:
     # dropped triplets' rows/columns of P are left as they are).
-    idx = torch.arange(q)
-    P[idx, idx] = 0
+    if zero_diagonal:
+        idx = torch.arange(q)
+        P[idx, idx] = 0
     # set `P[:r, :r] = 0`.
     P[:r, :r] = 0
     # `T' = U P Vᵀ`.
@@ -94,9 +125,10 @@ def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype =
 class OPCMRef:
     """Stepwise OPCM on whole state dicts; state `t`, `lam`, `norms`, `merged`."""
 
-    def __init__(self, alpha: float = 0.5, svd_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, alpha: float = 0.5, svd_dtype: torch.dtype = torch.float64, compat: str = "paper") -> None:
         alpha = float(alpha)
         self.svd_dtype = svd_dtype
+        self.compat = _check_compat(compat)
         if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
@@ -114,11 +146,12 @@ class OPCMRef:
         norms: Sequence[float],
         alpha: float = 0.5,
         svd_dtype: torch.dtype = torch.float64,
+        compat: str = "paper",
     ) -> "OPCMRef":
         """Resume from a stored merge state (theta(t), t, lambda(t), n_1..n_t)."""
         if t < 1 or len(norms) != t:
             raise ValueError(f"state needs t >= 1 and t norms, got t={t}, {len(norms)} norms")
-        obj = cls(alpha, svd_dtype)
+        obj = cls(alpha, svd_dtype, compat)
         obj.t = int(t)
         obj.lam = float(lam)
         obj.norms = [float(x) for x in norms]
@@ -130,9 +163,20 @@ class OPCMRef:
         """n̄t = mean(n1 … nt)."""
         return sum(self.norms) / len(self.norms)
 
-    def step(self, base: StateDict, new: StateDict, projected: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Merge one more fine-tuned checkpoint; returns theta(t) (treat as read-only)."""
+    def step(self, base: StateDict, new: StateDict, projected: Iterable[str],
+             unmerged: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Merge one more fine-tuned checkpoint; returns theta(t) (treat as read-only).
+
+        ``unmerged``: parameters owned directly by non-leaf modules; only the ``"fusionbench"``
+        and ``"release"`` modes treat them differently (ignored under ``"paper"``).
+        """
         projected = set(projected)
+        unmerged = set(unmerged) if self.compat != "paper" else set()
+        for k in sorted(unmerged):
+            if k not in base or not is_floating(base[k]):
+                raise ValueError(f"unmerged key {k!r} is not a floating tensor of the checkpoint")
+            if k in projected:
+                raise ValueError(f"{k!r} cannot be both projected and unmerged")
         check_compatible(base, [("new model", new)] + ([("merged model", self.merged)] if self.merged is not None else []))
         for k in sorted(projected):
             if k not in base:
@@ -168,10 +212,15 @@ class OPCMRef:
             # For each tensor, with `M = θ(t−1) − θ0` and `T = θt − θ0`:
             M = merged[k].float() - base[k].float()
             T = tau[k]
+            if k in unmerged:
+                # fusionbench / release: never merged, so Σ holds M itself (not λ(t−1)·M,
+                # no τt); it counts in ‖Σ‖ and the rescale below gives θ0 + M / λ(t).
+                sigma[k] = M
+                continue
             if k in projected:
                 # projected tensors: full SVD, P = Uᵀ T V, zero diag and
                 # P[:r, :r], T' = U P Vᵀ.
-                Tp = project(M, T, self.alpha, self.svd_dtype)
+                Tp = project(M, T, self.alpha, self.svd_dtype, zero_diagonal=self.compat != "release")
             else:
                 # averaged tensors: `T' = T`.
                 Tp = T
@@ -217,13 +266,18 @@ def opcm_merge(
     models: Iterable[StateDict],
     projected: Iterable[str],
     alpha: float = 0.5,
+    *,
+    compat: str = "paper",
+    unmerged: Iterable[str] = (),
+    svd_dtype: torch.dtype = torch.float64,
 ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
     """Merge `models` in order; returns (theta(T), [lambda(1..T)], [n_1..n_T])."""
     projected = set(projected)
-    ref = OPCMRef(alpha)
+    unmerged = set(unmerged)
+    ref = OPCMRef(alpha, svd_dtype, compat)
     lams: list[float] = []
     for sd in models:
-        ref.step(base, sd, projected)
+        ref.step(base, sd, projected, unmerged)
         lams.append(float(ref.lam))
     if ref.t == 0:
         raise ValueError("opcm_merge needs at least one model")
