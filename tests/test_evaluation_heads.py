@@ -8,9 +8,20 @@ import torch.nn.functional as F
 
 from opcm_ext.errors import CheckpointError, ConfigError
 from opcm_ext.evaluation.fixtures import make_tiny_clip
-from opcm_ext.evaluation.heads import (GENERIC_TEMPLATES, TEMPLATES, ZeroShotHeadBuilder, canonical_task,
+from opcm_ext.evaluation.heads import (GENERIC_TEMPLATES, ZeroShotHeadBuilder, build_task_heads, canonical_task,
                                        templates_for)
+from opcm_ext.evaluation.prompts import (ClassNamesMismatchError, check_head_rows, classnames_for, load_heads,
+                                         load_prompts, prompts_for, save_heads)
 from opcm_ext.evaluation.reproduce import PAPER_TASKS
+
+# Each task's number of classes (the datasets' own) and FusionBench's number of prompt templates.
+CLASSES_AND_TEMPLATES = {
+    "sun397": (397, 2), "stanford-cars": (196, 8), "resisc45": (45, 18), "eurosat": (10, 3), "svhn": (10, 1),
+    "gtsrb": (43, 3), "mnist": (10, 1), "dtd": (47, 8), "oxford_flowers102": (102, 1), "pcam": (2, 1),
+    "fer2013": (7, 6), "oxford-iiit-pet": (37, 1), "stl10": (10, 2), "cifar100": (100, 18), "cifar10": (10, 18),
+    "food101": (101, 1), "fashion_mnist": (10, 2), "emnist_letters": (26, 1), "kmnist": (10, 1),
+    "rendered-sst2": (2, 1),
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +79,97 @@ def test_every_paper_task_has_templates():
     for t in PAPER_TASKS:
         tpl = templates_for(t)
         assert tpl is not GENERIC_TEMPLATES, t
-        assert all("{}" in s for s in tpl)
+        assert all(s.count("{}") == 1 for s in tpl)
     assert templates_for("my-own-task") == GENERIC_TEMPLATES
-    assert len(TEMPLATES["resisc45"]) == 18 and len(set(TEMPLATES["resisc45"])) == 18
-    assert len(TEMPLATES["cifar100"]) == 18 and len(set(TEMPLATES["cifar100"])) == 18
+    assert len(templates_for("resisc45")) == 18 and len(set(templates_for("resisc45"))) == 18
+    assert len(templates_for("cifar100")) == 18 and len(set(templates_for("cifar100"))) == 18
     assert canonical_task("Stanford-Cars") == "stanford_cars"
     assert canonical_task("oxford-iiit-pet") == "oxford_iiit_pet"
     assert canonical_task("rendered-sst2") == "rendered_sst2"
+
+
+@pytest.mark.parametrize("task", PAPER_TASKS)
+def test_curated_lists_have_each_datasets_class_count_and_fusionbench_template_count(task):
+    p = prompts_for(task)
+    assert p is not None
+    classes, templates = CLASSES_AND_TEMPLATES[task]
+    assert len(p.classnames) == classes and len(set(p.classnames)) == classes
+    assert len(p.templates) == templates
+    assert "tanganke/fusion_bench" in p.source and "fusion_bench/tasks/clip_classification/" in p.source
+
+
+def test_the_shipped_file_covers_exactly_the_papers_tasks_and_names_its_source():
+    import json
+
+    from opcm_ext.evaluation.prompts import PROMPTS_FILE
+
+    assert set(load_prompts()) == {canonical_task(t) for t in PAPER_TASKS}
+    src = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))["source"]
+    assert src["repository"] == "tanganke/fusion_bench" and src["package"] == "fusion-bench 0.2.33"
+    assert len(src["commit"]) == 40
+
+
+def test_known_curated_names_and_templates():
+    gtsrb = prompts_for("gtsrb")
+    assert gtsrb.classnames[0] == "red and white circle 20 kph speed limit"
+    assert gtsrb.templates[0] == 'a zoomed in photo of a "{}" traffic sign.'
+    assert prompts_for("Stanford-Cars").classnames[0] == "AM General Hummer SUV 2000"
+    assert prompts_for("pcam").classnames == ("lymph node", "lymph node containing metastatic tumor tissue")
+    assert prompts_for("rendered_sst2").templates == ("a {} review of a movie.",)
+    assert prompts_for("mnist").classnames == tuple(str(i) for i in range(10))
+    assert prompts_for("my-own-task") is None
+
+
+def test_classnames_for_checks_the_count_and_falls_back_to_the_dataset():
+    ten = [f"folder{i}" for i in range(10)]
+    assert classnames_for("eurosat", ten)[0] == "annual crop land"
+    assert classnames_for("eurosat", ten, source="dataset") == ten
+    assert classnames_for("my-own-task", ["a", "b"]) == ["a", "b"]
+    with pytest.raises(ClassNamesMismatchError, match=r"'gtsrb'.*43 names.*/data/gtsrb has 42 classes.*--class-names"):
+        classnames_for("gtsrb", [str(i) for i in range(42)], where="/data/gtsrb")
+    with pytest.raises(ConfigError):
+        classnames_for("gtsrb", ["x"], source="folders")
+
+
+def test_a_corrupt_prompt_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"format": "opcm-ext/zero-shot-prompts", "version": 1, "source": {}, '
+                   '"tasks": {"x": {"classnames": ["a"], "templates": ["no placeholder"]}}}')
+    with pytest.raises(ConfigError, match="'x'"):
+        load_prompts(bad)
+    (tmp_path / "q.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a opcm-ext/zero-shot-prompts"):
+        load_prompts(tmp_path / "q.json")
+
+
+def test_head_file_round_trip_and_errors(tmp_path):
+    heads = {"Stanford-Cars": torch.randn(196, 8), "mnist": torch.randn(10, 8, dtype=torch.float16)}
+    path = save_heads(heads, tmp_path / "h.safetensors", meta={"clip_model": "x"})
+    back = load_heads(path)
+    assert set(back) == {"stanford_cars", "mnist"}
+    torch.testing.assert_close(back["stanford_cars"], heads["Stanford-Cars"])
+    assert back["mnist"].dtype == torch.float32
+    assert check_head_rows("mnist", back["mnist"], 10) is back["mnist"]
+    with pytest.raises(ClassNamesMismatchError, match="10 classes"):
+        check_head_rows("mnist", back["stanford_cars"], 10)
+    with pytest.raises(CheckpointError, match="no such head file"):
+        load_heads(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        load_heads(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"mnist": torch.full((10, 4), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match="finite 2-D"):
+        load_heads(tmp_path / "nan.safetensors")
+    with pytest.raises(ConfigError, match="two heads"):
+        save_heads({"stanford-cars": torch.zeros(2, 2), "stanford_cars": torch.zeros(2, 2)}, tmp_path / "d.safetensors")
+
+
+def test_build_task_heads_uses_the_curated_names_and_templates(tiny_clip):
+    heads = build_task_heads(tiny_clip, ["pcam", "rendered-sst2"])
+    assert set(heads) == {"pcam", "rendered_sst2"}
+    p = prompts_for("pcam")
+    torch.testing.assert_close(heads["pcam"], ZeroShotHeadBuilder(tiny_clip).head(p.classnames, p.templates))
+    with pytest.raises(ConfigError, match="my-task"):
+        build_task_heads(tiny_clip, ["pcam", "my-task"])

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from opcm_ext.cli import main
+from opcm_ext.errors import ConfigError
 from opcm_ext.evaluation.fixtures import make_image_folder, make_tiny_clip, make_tiny_finetuned
-from opcm_ext.evaluation.reproduce import MissingInputsError, PAPER_TASKS, TASK_SETS, find_inputs, resolve_tasks
+from opcm_ext.evaluation.prompts import ClassNamesMismatchError, load_heads, prompts_for
+from opcm_ext.evaluation.reproduce import (MissingInputsError, PAPER_TASKS, TASK_SETS, ClipTaskEvaluator, find_inputs,
+                                           paper_lambda, paper_methods, resolve_tasks)
 
 MODEL = "clip-vit-tiny"
-TASKS = {"mnist": ["0", "1", "2"], "stanford-cars": ["audi a4", "bmw x5"], "eurosat": ["forest", "river", "sea"]}
+# Paper tasks with few classes, so the curated class-name lists fit tiny test sets; the folder names
+# differ from the curated names on purpose (heads must use the curated ones).
+TASKS = {"mnist": [f"digit{i}" for i in range(10)], "pcam": ["normal", "tumor"],
+         "rendered-sst2": ["neg", "pos"]}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +29,9 @@ def inputs(tmp_path_factory):
     for i, (task, classes) in enumerate(TASKS.items()):
         make_tiny_finetuned(clip, ck / f"{MODEL}_{task}", seed=10 + i, scale=0.05)
         # datasets may spell the task with '_' where the checkpoint uses '-'
-        make_image_folder(ds / task.replace("-", "_"), [c.replace(" ", "_") for c in classes], per_class=3, seed=i)
+        make_image_folder(ds / task.replace("-", "_"), [c.replace(" ", "_") for c in classes], per_class=2, seed=i)
+    # a "gtsrb" test set with the wrong number of classes (the curated list has 43)
+    make_image_folder(ds / "gtsrb", ["stop", "yield", "go"], per_class=1, seed=9)
     return ck, ds
 
 
@@ -52,15 +61,103 @@ def test_reproduce_end_to_end(inputs, tmp_path, capsys):
             assert len(run["matrix"]) == 3 and run["matrix"][0][1] is None
     assert rep["methods"]["opcm"]["runs"][0]["lam"][0] == pytest.approx(1.0)
     assert {p.name for p in out.iterdir()} >= {"report.json", "accuracy_matrices.png", "lambda.png", "acc_vs_tasks.png"}
+    # the paper's λ for both baselines (3 tasks: the 8-task value), recorded with its source
+    assert rep["methods"]["task_arithmetic"]["params"]["lam"] == 0.3
+    assert rep["methods"]["ties"]["params"] == {"lam": 0.3, "keep": 0.2}
+    assert rep["meta"]["lam"]["value"] == 0.3 and "appendix C.1.1" in rep["meta"]["lam"]["source"]
+    assert "λ = 0.3" in text
+    for t in TASKS:
+        assert "tanganke/fusion_bench" in rep["meta"]["heads"][t]
+
+
+def test_lam_option_overrides_both_baselines(inputs, tmp_path):
+    ck, ds = inputs
+    out = tmp_path / "out"
+    rc = main(["reproduce", "--checkpoints", str(ck), "--datasets", str(ds), "--tasks", "pcam,rendered-sst2",
+               "--orders", "1", "--methods", "task_arithmetic,ties", "--lam", "0.2", "--out", str(out),
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["methods"]["task_arithmetic"]["params"]["lam"] == 0.2
+    assert rep["methods"]["ties"]["params"]["lam"] == 0.2
+    assert rep["meta"]["lam"] == {"value": 0.2, "source": "--lam"}
+
+
+def test_paper_lambda_by_task_count():
+    assert [paper_lambda(n) for n in (8, 14, 20)] == [0.3, 0.1, 0.1]
+    assert paper_lambda(3) == 0.3 and paper_lambda(12) == 0.1
+    for n, lam in ((8, 0.3), (14, 0.1), (20, 0.1)):
+        params = paper_methods(n)
+        assert params["task_arithmetic"] == {"lam": lam} and params["ties"] == {"lam": lam, "keep": 0.2}
+        assert params["opcm"] == {"alpha": 0.5} and params["average"] == {}
+    assert paper_methods(20, ["ties"], lam=0.25) == {"ties": {"lam": 0.25, "keep": 0.2}}
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError):
+            paper_methods(8, lam=bad)
+    with pytest.raises(ConfigError):
+        paper_methods(8, ["nope"])
+
+
+def test_heads_use_the_curated_class_names(inputs):
+    from opcm_ext.evaluation.heads import ZeroShotHeadBuilder
+
+    ck, ds = inputs
+    ev = ClipTaskEvaluator(ck / MODEL, {"pcam": ds / "pcam"}, device="cpu", progress=False)
+    builder = ZeroShotHeadBuilder(ck / MODEL)
+    p = prompts_for("pcam")
+    torch.testing.assert_close(ev.head("pcam"), builder.head(p.classnames, p.templates))
+    by_folder = ClipTaskEvaluator(ck / MODEL, {"pcam": ds / "pcam"}, device="cpu", progress=False,
+                                  class_names="dataset")
+    torch.testing.assert_close(by_folder.head("pcam"), builder.head(["normal", "tumor"], p.templates))
+    assert not torch.allclose(ev.head("pcam"), by_folder.head("pcam"))
+
+
+def test_class_count_mismatch_is_a_clear_error(inputs, capsys):
+    ck, ds = inputs
+    ev = ClipTaskEvaluator(ck / MODEL, {"gtsrb": ds / "gtsrb"}, device="cpu", progress=False)
+    with pytest.raises(ClassNamesMismatchError, match=r"'gtsrb'.*43 names.*has 3 classes"):
+        ev.head("gtsrb")
+    rc = main(["eval", str(ck / f"{MODEL}_mnist"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "gtsrb", "--device", "cpu", "--no-progress"])
+    assert rc == 2 and "43 names" in capsys.readouterr().err
+    rc = main(["eval", str(ck / f"{MODEL}_mnist"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "gtsrb", "--device", "cpu", "--no-progress", "--class-names", "dataset", "--json"])
+    assert rc == 0 and set(json.loads(capsys.readouterr().out)) == {"gtsrb"}
+
+
+def test_precomputed_head_file(inputs, tmp_path, capsys):
+    ck, ds = inputs
+    heads = tmp_path / "heads.safetensors"
+    assert main(["heads", "--clip-model", str(ck / MODEL), "--tasks", "mnist,pcam,rendered-sst2", "-o", str(heads),
+                 "--device", "cpu"]) == 0
+    assert set(load_heads(heads)) == {"mnist", "pcam", "rendered_sst2"}
+    capsys.readouterr()
+    args = ["eval", str(ck / f"{MODEL}_pcam"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+            "--tasks", "mnist,pcam", "--device", "cpu", "--json", "--no-progress"]
+    assert main(args) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert main(args + ["--heads", str(heads)]) == 0
+    assert json.loads(capsys.readouterr().out) == built  # the same heads, read from the file
+    # a head with the wrong number of rows, and a task the file lacks
+    from opcm_ext.evaluation.prompts import save_heads
+
+    save_heads({"mnist": torch.randn(3, 16)}, tmp_path / "bad.safetensors")
+    ev = ClipTaskEvaluator(ck / MODEL, {"mnist": ds / "mnist", "pcam": ds / "pcam"}, device="cpu", progress=False,
+                           heads=tmp_path / "bad.safetensors")
+    with pytest.raises(ClassNamesMismatchError, match="10 classes"):
+        ev.head("mnist")
+    with pytest.raises(ConfigError, match="no head for task 'pcam'"):
+        ev.head("pcam")
+    assert "head file" in ev.head_sources(["mnist"])["mnist"]
 
 
 def test_missing_inputs_are_listed_together(inputs, tmp_path, capsys):
     ck, ds = inputs
     with pytest.raises(MissingInputsError) as err:
-        find_inputs(ck, ds, ["mnist", "svhn", "gtsrb"])
+        find_inputs(ck, ds, ["mnist", "svhn", "dtd"])
     msg = str(err.value)
     assert "4 input(s) missing" in msg
-    for what in (f"{MODEL}_svhn", f"{MODEL}_gtsrb", "datasets/svhn", "datasets/gtsrb"):
+    for what in (f"{MODEL}_svhn", f"{MODEL}_dtd", "datasets/svhn", "datasets/dtd"):
         assert what in msg
     # through the CLI: exit code 2, the whole list on stderr, nothing on stdout
     rc = main(["reproduce", "--checkpoints", str(tmp_path / "none"), "--datasets", str(ds), "--tasks", "8",
@@ -84,19 +181,19 @@ def test_cache_dir_is_reused(inputs, tmp_path):
     second = again.test_set("mnist")
     assert (tmp_path / "cache" / "mnist.npy").stat().st_mtime_ns == stamp  # read back, not rewritten
     assert (second.pixels == first.pixels).all() and list(second.labels) == list(first.labels)
-    assert second.classnames == ["0", "1", "2"]
+    assert second.classnames == [f"digit{i}" for i in range(10)]
     acc = again.evaluate(ck / f"{MODEL}_mnist", ["mnist"])["mnist"]
     assert 0.0 <= acc <= 1.0
 
 
 def test_eval_command_on_dataset_folders(inputs, capsys):
     ck, ds = inputs
-    rc = main(["eval", str(ck / f"{MODEL}_eurosat"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
-               "--tasks", "eurosat,stanford-cars", "--device", "cpu", "--json", "--no-progress"])
+    rc = main(["eval", str(ck / f"{MODEL}_pcam"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "pcam,rendered-sst2", "--device", "cpu", "--json", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
     acc = json.loads(out)
-    assert set(acc) == {"eurosat", "stanford-cars"} and all(0 <= v <= 1 for v in acc.values())
-    rc = main(["eval", str(ck / f"{MODEL}_eurosat"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
-               "--tasks", "gtsrb", "--no-progress"])
-    assert rc == 2 and "gtsrb" in capsys.readouterr().err
+    assert set(acc) == {"pcam", "rendered-sst2"} and all(0 <= v <= 1 for v in acc.values())
+    rc = main(["eval", str(ck / f"{MODEL}_pcam"), "--clip-model", str(ck / MODEL), "--datasets", str(ds),
+               "--tasks", "svhn", "--no-progress"])
+    assert rc == 2 and "svhn" in capsys.readouterr().err

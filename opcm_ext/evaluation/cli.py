@@ -1,4 +1,4 @@
-"""The evaluation subcommands of ``opcm``: demo, eval, reproduce, plot.
+"""The evaluation subcommands of ``opcm``: demo, eval, reproduce, heads, plot.
 
 ``add_subcommands(subparsers)`` registers them on the main CLI's argparse subparsers; each handler
 returns an exit code, and user errors raise ``opcm_ext.errors.InputError`` subclasses (exit 2).
@@ -33,8 +33,28 @@ def _positive(text: str) -> int:
     return v
 
 
+def _lam(text: str) -> float:
+    import math
+
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _head_options(parser) -> None:
+    """--class-names and --heads, shared by eval and reproduce."""
+    parser.add_argument("--class-names", choices=["fusionbench", "dataset"], default="fusionbench",
+                        help="fusionbench (default): the curated class names and templates FusionBench trained the "
+                             "public checkpoints with, for the paper's 20 tasks (checked against each test set's "
+                             "class count); dataset: the test set's folder / ClassLabel names")
+    parser.add_argument("--heads", default=None, metavar="FILE",
+                        help="precomputed zero-shot heads: a .safetensors file with one (classes, dim) tensor per "
+                             "task (`opcm heads` writes one); replaces building them from the CLIP text tower")
+
+
 def add_subcommands(sub) -> None:
-    """Register ``demo``, ``eval``, ``reproduce`` and ``plot`` on an argparse subparsers object."""
+    """Register ``demo``, ``eval``, ``reproduce``, ``heads`` and ``plot`` on an argparse subparsers object."""
     d = sub.add_parser("demo", help="merge the shipped example zoo with OPCM and the baselines; table + plots",
                        description="Merge the example zoo (a small CLIP vision model fine-tuned on 8 digit tasks) "
                                    "with OPCM, continual Task Arithmetic, TIES and averaging over several task "
@@ -69,6 +89,7 @@ def add_subcommands(sub) -> None:
     e.add_argument("--max-examples", type=_positive, default=None, help="evaluate on a subset per task")
     e.add_argument("--json", action="store_true", help="print {task: accuracy} as JSON")
     e.add_argument("--no-progress", action="store_true")
+    _head_options(e)
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("reproduce", help="the paper's Table 1 from local public checkpoints and test sets",
@@ -83,6 +104,9 @@ def add_subcommands(sub) -> None:
     r.add_argument("--orders", type=_positive, default=10, help="shuffled task orders (default: 10, as the paper)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--methods", type=_methods, default=None, help=f"comma list (default: {','.join(_METHODS)})")
+    r.add_argument("--lam", type=_lam, default=None,
+                   help="λ of continual Task Arithmetic and TIES (default: the paper's, by task count: 0.3 for 8 "
+                        "tasks, 0.1 for 14 and 20, from its appendix C.1.1; TIES uses Task Arithmetic's λ)")
     r.add_argument("--model-name", default=None, help="checkpoint name prefix (default: inferred, e.g. clip-vit-base-patch32)")
     r.add_argument("--base", default=None, help="pre-trained full CLIP model folder (default: CHECKPOINTS/<model>)")
     r.add_argument("--out", default=None, help="folder for report.json and plots")
@@ -96,7 +120,18 @@ def add_subcommands(sub) -> None:
     r.add_argument("--work-dir", default=None, help="where temporary checkpoints go (default: system temp)")
     r.add_argument("--split", default="test")
     r.add_argument("--no-progress", action="store_true")
+    _head_options(r)
     r.set_defaults(func=_cmd_reproduce)
+
+    h = sub.add_parser("heads", help="precompute zero-shot heads of the paper's tasks into a .safetensors file",
+                       description="Build each task's zero-shot head from FusionBench's curated class names and "
+                                   "templates through a pre-trained CLIP model's text tower (no test set needed); "
+                                   "use the file with `opcm reproduce --heads` or `opcm eval --heads`.")
+    h.add_argument("--clip-model", required=True, help="pre-trained full CLIP model folder (text tower, tokenizer)")
+    h.add_argument("--tasks", default="20", help="8, 14, 20 (the paper's sets) or a comma list (default: 20)")
+    h.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    h.add_argument("--device", default="auto")
+    h.set_defaults(func=_cmd_heads)
 
     p = sub.add_parser("plot", help="draw the figures of a saved report.json")
     p.add_argument("report", help="report.json (or the folder holding it)")
@@ -143,7 +178,7 @@ def _cmd_eval(a) -> int:
         with tempfile.TemporaryDirectory(prefix="opcm-eval-") as tmp:  # test sets memmapped, not held in RAM
             ev = ClipTaskEvaluator(a.clip_model, data, device=a.device, batch_size=a.batch_size, workers=a.workers,
                                    max_examples=a.max_examples, split=a.split, progress=not a.no_progress,
-                                   cache_dir=tmp)
+                                   cache_dir=tmp, class_names=a.class_names, heads=a.heads)
             acc = ev.evaluate(ckpt, tasks)
             del ev
     if a.json:
@@ -164,9 +199,12 @@ def _cmd_reproduce(a) -> int:
                            methods=a.methods, model_name=a.model_name, base=a.base, device=a.device,
                            batch_size=a.batch_size, workers=a.workers, max_examples=a.max_examples,
                            cache_dir=a.cache_dir, keep_dir=a.keep_checkpoints, work_dir=a.work_dir,
-                           progress=not a.no_progress, split=a.split)
+                           progress=not a.no_progress, split=a.split, lam=a.lam, class_names=a.class_names,
+                           heads=a.heads)
+    lam = report.get("meta", {}).get("lam", {})
     print(format_table(report, title=f"Table 1 ({Path(report['base']).name}): {len(report['tasks'])} tasks, "
-                                     f"{len(report['orders'])} orders (seed {a.seed})"))
+                                     f"{len(report['orders'])} orders (seed {a.seed}); baselines' λ = "
+                                     f"{lam.get('value')} ({lam.get('source')})"))
     print()
     print(format_final_accuracies(report))
     if a.out:
@@ -176,6 +214,22 @@ def _cmd_reproduce(a) -> int:
         save_report(report, out / "report.json")
         files = plot_report(report, out)
         print(f"wrote {out / 'report.json'}" + "".join(f", {f.name}" for f in files), file=sys.stderr)
+    return 0
+
+
+def _cmd_heads(a) -> int:
+    from opcm_ext.evaluation.clip_eval import resolve_device
+    from opcm_ext.evaluation.heads import build_task_heads
+    from opcm_ext.evaluation.prompts import prompts_for, save_heads
+    from opcm_ext.evaluation.reproduce import resolve_tasks
+
+    tasks = resolve_tasks(a.tasks)
+    heads = build_task_heads(a.clip_model, tasks, device=resolve_device(a.device))
+    meta = {"clip_model": str(a.clip_model), "sources": {t: prompts_for(t).source for t in tasks}}
+    out = save_heads(heads, a.out, meta=meta)
+    for t, h in heads.items():
+        print(f"{t:<20} {h.shape[0]:>4} classes x {h.shape[1]}")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

@@ -3,7 +3,9 @@
 For each class, every template is filled with the class name, embedded by the text encoder and
 its projection, L2-normalised; the per-template embeddings are averaged and the mean normalised
 again (CLIP's zero-shot recipe). The head is the (num_classes, projection_dim) matrix of those
-class embeddings: fixed, never trained, the same for every merged checkpoint.
+class embeddings: fixed, never trained, the same for every merged checkpoint. This is also how
+FusionBench builds its heads (``HFCLIPClassifier.set_classification_task``). Class names and
+templates of the paper's tasks come from ``prompts`` (FusionBench's curated lists, shipped as data).
 """
 
 from __future__ import annotations
@@ -15,76 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from opcm_ext.errors import CheckpointError, ConfigError
+from opcm_ext.evaluation.prompts import GENERIC_TEMPLATES, canonical_task, prompts_for, templates_for
 
-__all__ = ["GENERIC_TEMPLATES", "TEMPLATES", "templates_for", "canonical_task", "ZeroShotHeadBuilder",
-           "zeroshot_head"]
-
-GENERIC_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-
-
-def _photo_variants(*adjectives: str) -> tuple[str, ...]:
-    """'a photo of a {}.' with each adjective ('' for none), with 'a' then with 'the'."""
-    out = []
-    for article in ("a", "the"):
-        for adj in adjectives:
-            out.append(f"a {adj + ' ' if adj else ''}photo of {article} {{}}.")
-    return tuple(out)
-
-
-_CIFAR = tuple(
-    t for article in ("a", "the") for t in (
-        f"a photo of {article} {{}}.", f"a blurry photo of {article} {{}}.",
-        f"a black and white photo of {article} {{}}.", f"a low contrast photo of {article} {{}}.",
-        f"a high contrast photo of {article} {{}}.", f"a bad photo of {article} {{}}.",
-        f"a good photo of {article} {{}}.", f"a photo of {article} small {{}}.", f"a photo of {article} big {{}}.")
-)
-_RESISC = tuple(f"{kind} {what} of {article}{{}}." for article in ("", "a ", "the ")
-                for what in ("imagery", "photo", "view") for kind in ("satellite", "aerial"))
-
-# The prompt templates the paper's evaluation uses (CLIP's published prompts), keyed by the
-# task names of the public checkpoints (``tanganke/clip-vit-base-patch32_<task>``), in the
-# canonical form of ``canonical_task`` (lower case, '-' -> '_').
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "sun397": ("a photo of a {}.", "a photo of the {}."),
-    "stanford_cars": ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-                      "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
-                      "a photo of my old {}."),
-    "resisc45": _RESISC,
-    "eurosat": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                "a centered satellite photo of the {}."),
-    "svhn": ('a photo of the number: "{}".',),
-    "gtsrb": ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-              'a close up photo of a "{}" traffic sign.'),
-    "mnist": ('a photo of the number: "{}".',),
-    "dtd": tuple(f"a photo of {a} {{}} {w}." for a in ("a", "the") for w in ("texture", "pattern", "thing", "object")),
-    "oxford_flowers102": ("a photo of a {}, a type of flower.",),
-    "pcam": ("this is a photo of {}",),
-    "fer2013": ("a photo of a {} looking face.", "a photo of a face showing the emotion: {}.",
-                "a photo of a face looking {}.", "a face that looks {}.", "they look {}.", "look at how {} they are."),
-    "oxford_iiit_pet": ("a photo of a {}, a type of pet.",),
-    "stl10": ("a photo of a {}.", "a photo of the {}."),
-    "cifar100": _CIFAR,
-    "cifar10": _CIFAR,
-    "food101": ("a photo of {}, a type of food.",),
-    "fashion_mnist": ("a photo of a {}.", "a photo of the {}."),
-    "emnist_letters": ('a photo of the digit character: "{}".',),
-    "kmnist": ("a photo of the character {}.",),
-    "rendered_sst2": ("a {} review of a movie.",),
-}
-_ALIASES = {"cars": "stanford_cars", "flowers102": "oxford_flowers102", "oxford_pets": "oxford_iiit_pet",
-            "oxfordiiitpet": "oxford_iiit_pet", "emnist": "emnist_letters", "fashionmnist": "fashion_mnist",
-            "renderedsst2": "rendered_sst2", "sst2": "rendered_sst2"}
-
-
-def canonical_task(name: str) -> str:
-    """Lower case, '-' and ' ' -> '_', known aliases resolved ('stanford-cars' -> 'stanford_cars')."""
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    return _ALIASES.get(key, key)
-
-
-def templates_for(task: str) -> tuple[str, ...]:
-    """The paper's templates for a task name, or the generic ``'a photo of a {}.'``."""
-    return TEMPLATES.get(canonical_task(task), GENERIC_TEMPLATES)
+__all__ = ["GENERIC_TEMPLATES", "templates_for", "canonical_task", "ZeroShotHeadBuilder", "zeroshot_head",
+           "build_task_heads"]
 
 
 class ZeroShotHeadBuilder:
@@ -141,3 +77,19 @@ def zeroshot_head(clip_model: str | Path, classnames: Sequence[str], templates: 
                   *, device: str | torch.device = "cpu") -> torch.Tensor:
     """One-shot convenience around ``ZeroShotHeadBuilder``."""
     return ZeroShotHeadBuilder(clip_model, device=device).head(classnames, templates)
+
+
+def build_task_heads(clip_model: str | Path, tasks: Sequence[str], *, device: str | torch.device = "cpu"
+                     ) -> dict[str, torch.Tensor]:
+    """Heads of known tasks from their curated class names and templates alone (no test set needed)."""
+    unknown = [t for t in tasks if prompts_for(t) is None]
+    if unknown:
+        raise ConfigError(f"no curated class names for task(s) {unknown}; a head for another task needs its test "
+                          "set's class names (opcm eval / opcm reproduce build those from the dataset)")
+    builder = ZeroShotHeadBuilder(clip_model, device=device)
+    out = {}
+    for t in tasks:
+        p = prompts_for(t)
+        assert p is not None
+        out[canonical_task(t)] = builder.head(p.classnames, p.templates)
+    return out

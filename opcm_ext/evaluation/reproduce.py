@@ -24,10 +24,12 @@ import torch
 from opcm_ext.errors import CheckpointError, ConfigError
 from opcm_ext.evaluation.clip_eval import EncoderLoader, accuracy_from_batches, read_state_dict, resolve_device
 from opcm_ext.evaluation.datasets import ClipPreprocessor, PreprocessedSet, is_dataset_folder, open_dataset, preprocess
-from opcm_ext.evaluation.heads import ZeroShotHeadBuilder, canonical_task, templates_for
+from opcm_ext.evaluation.heads import ZeroShotHeadBuilder
+from opcm_ext.evaluation.prompts import (CLASS_NAME_SOURCES, canonical_task, check_head_rows, classnames_for,
+                                         load_heads, prompts_for, templates_for)
 
-__all__ = ["PAPER_TASKS", "TASK_SETS", "MissingInputsError", "resolve_tasks", "find_inputs",
-           "extract_vision_base", "ClipTaskEvaluator", "run_reproduce"]
+__all__ = ["PAPER_TASKS", "TASK_SETS", "MissingInputsError", "resolve_tasks", "paper_lambda", "paper_methods",
+           "find_inputs", "extract_vision_base", "ClipTaskEvaluator", "run_reproduce"]
 
 # The paper's task order, spelled as in the public checkpoints' names (tanganke/<model>_<task>).
 PAPER_TASKS: tuple[str, ...] = (
@@ -36,6 +38,10 @@ PAPER_TASKS: tuple[str, ...] = (
     "cifar10", "food101", "fashion_mnist", "emnist_letters", "kmnist", "rendered-sst2",        # +6 = 20
 )
 TASK_SETS: dict[int, tuple[str, ...]] = {8: PAPER_TASKS[:8], 14: PAPER_TASKS[:14], 20: PAPER_TASKS}
+# The paper's λ for continual Task Arithmetic (appendix C.1.1, its grid-search optimum: 0.3 on 8
+# tasks, 0.1 on 14 and 20); the appendix states that continual TIES uses the same λ.
+PAPER_LAMBDA: dict[int, float] = {8: 0.3, 14: 0.1, 20: 0.1}
+PAPER_LAMBDA_SOURCE = "paper, appendix C.1.1: 0.3 for 8 tasks, 0.1 for 14 and 20 (TIES uses Task Arithmetic's λ)"
 
 
 class MissingInputsError(CheckpointError):
@@ -56,6 +62,29 @@ def resolve_tasks(spec: str | int | Sequence[str]) -> list[str]:
     if len({canonical_task(n) for n in names}) != len(names):
         raise ConfigError(f"task names repeat: {names}")
     return names
+
+
+def paper_lambda(num_tasks: int) -> float:
+    """The paper's λ of both continual baselines: 0.3 up to 8 tasks, 0.1 above (its 14- and 20-task value)."""
+    if num_tasks < 1:
+        raise ConfigError(f"need at least one task, got {num_tasks}")
+    return PAPER_LAMBDA.get(num_tasks, 0.3 if num_tasks <= 8 else 0.1)
+
+
+def paper_methods(num_tasks: int, methods: Sequence[str] | None = None, lam: float | None = None) -> dict[str, dict]:
+    """Each method's parameters for a Table-1 run: the defaults, with λ by task count (or ``lam``) for TA and TIES."""
+    import math
+
+    from opcm_ext.evaluation.runner import DEFAULT_METHODS
+
+    if lam is not None and not (math.isfinite(float(lam)) and float(lam) > 0):
+        raise ConfigError(f"--lam must be a positive number, got {lam}")
+    value = paper_lambda(num_tasks) if lam is None else float(lam)
+    names = list(methods) if methods else list(DEFAULT_METHODS)
+    unknown = [m for m in names if m not in DEFAULT_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)}")
+    return {m: {**DEFAULT_METHODS[m], **({"lam": value} if "lam" in DEFAULT_METHODS[m] else {})} for m in names}
 
 
 def _spellings(task: str) -> list[str]:
@@ -157,11 +186,22 @@ def extract_vision_base(clip_model: str | Path, like: str | Path, out: str | Pat
 
 
 class ClipTaskEvaluator:
-    """``evaluate(checkpoint, tasks)``: zero-shot heads from the pre-trained CLIP model, test sets preprocessed once."""
+    """``evaluate(checkpoint, tasks)``: zero-shot heads from the pre-trained CLIP model, test sets preprocessed once.
+
+    Heads come from ``heads`` (a head file) when given, else are built from the curated class names
+    of the paper's tasks (``class_names="fusionbench"``, count-checked against the test set) or from
+    the test set's own names (``"dataset"``, and always for tasks without a curated list).
+    """
 
     def __init__(self, clip_model: str | Path, datasets: dict[str, Path], *, device: str = "auto",
                  batch_size: int = 128, workers: int = 0, max_examples: int | None = None,
-                 cache_dir: str | Path | None = None, split: str = "test", progress: bool = True):
+                 cache_dir: str | Path | None = None, split: str = "test", progress: bool = True,
+                 class_names: str = "fusionbench", heads: str | Path | None = None):
+        if class_names not in CLASS_NAME_SOURCES:
+            raise ConfigError(f"class names must come from one of {CLASS_NAME_SOURCES}, got {class_names!r}")
+        self.class_names = class_names
+        self.heads_file = Path(heads) if heads is not None else None
+        self._file_heads = load_heads(self.heads_file) if self.heads_file is not None else None
         self.clip_model = Path(clip_model)
         self.datasets = dict(datasets)
         self.device = resolve_device(device)
@@ -203,11 +243,34 @@ class ClipTaskEvaluator:
         return self._sets[task]
 
     def head(self, task: str) -> torch.Tensor:
+        """The task's fixed head: from the head file, or built (curated or dataset class names)."""
         if task not in self._heads:
-            if self._builder is None:
-                self._builder = ZeroShotHeadBuilder(self.clip_model, device=self.device)
-            self._heads[task] = self._builder.head(self.test_set(task).classnames, templates_for(task))
+            num_classes = len(self.test_set(task).classnames)
+            if self._file_heads is not None:
+                h = self._file_heads.get(canonical_task(task))
+                if h is None:
+                    raise ConfigError(f"head file {self.heads_file} has no head for task {task!r} (it has "
+                                      f"{', '.join(sorted(self._file_heads))})")
+                self._heads[task] = check_head_rows(task, h, num_classes, where=self.heads_file)
+            else:
+                names = classnames_for(task, self.test_set(task).classnames, source=self.class_names,
+                                       where=self.datasets[task])
+                if self._builder is None:
+                    self._builder = ZeroShotHeadBuilder(self.clip_model, device=self.device)
+                self._heads[task] = self._builder.head(names, templates_for(task))
         return self._heads[task]
+
+    def head_sources(self, tasks: Sequence[str]) -> dict[str, str]:
+        """Where each task's head comes from, for the report."""
+        if self.heads_file is not None:
+            return {t: f"head file {self.heads_file}" for t in tasks}
+        out = {}
+        for t in tasks:
+            p = prompts_for(t)
+            out[t] = (f"curated class names and templates: {p.source}" if p is not None and self.class_names ==
+                      "fusionbench" else "the test set's class names" + (f"; templates: {p.source}" if p else
+                                                                           "; template 'a photo of a {}.'"))
+        return out
 
     def prepare(self, tasks: Sequence[str]) -> None:
         """Preprocess every test set and build every head up front (so the merge loop only evaluates)."""
@@ -226,18 +289,23 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
                   model_name: str | None = None, base: str | Path | None = None, device: str = "auto",
                   batch_size: int = 128, workers: int = 0, max_examples: int | None = None,
                   cache_dir: str | Path | None = None, keep_dir: str | Path | None = None,
-                  work_dir: str | Path | None = None, progress: bool = True, split: str = "test") -> dict:
-    """Table 1 for one model and task set: every method over ``num_orders`` seeded orders; returns the report."""
+                  work_dir: str | Path | None = None, progress: bool = True, split: str = "test",
+                  lam: float | None = None, class_names: str = "fusionbench", heads: str | Path | None = None) -> dict:
+    """Table 1 for one model and task set: every method over ``num_orders`` seeded orders; returns the report.
+
+    ``lam`` (default: the paper's, by task count) scales continual Task Arithmetic and TIES alike.
+    """
     from opcm_ext.evaluation.runner import run_experiment
 
     names = resolve_tasks(tasks)
+    method_params = paper_methods(len(names), methods, lam)
     clip_dir, models, data = find_inputs(checkpoints, datasets, names, model_name=model_name, base=base, split=split)
     with tempfile.TemporaryDirectory(prefix="opcm-reproduce-", dir=work_dir) as tmp:
         # Preprocessed test sets are memmapped on disk (ViT-B/32's eight test sets are ~13 GB as
         # uint8 224x224 crops), in the temporary folder unless a cache folder is given.
         evaluator = ClipTaskEvaluator(clip_dir, data, device=device, batch_size=batch_size, workers=workers,
                                       max_examples=max_examples, cache_dir=cache_dir or Path(tmp) / "cache",
-                                      split=split, progress=progress)
+                                      split=split, progress=progress, class_names=class_names, heads=heads)
         evaluator.prepare(names)
         first = models[names[0]]
         like_cfg = json.loads((first / "config.json").read_text())
@@ -245,11 +313,14 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
             vision_base = clip_dir
         else:
             vision_base = extract_vision_base(clip_dir, first, Path(tmp) / "base")
-        report = run_experiment(vision_base, models, evaluator, methods=methods, num_orders=num_orders, seed=seed,
-                                keep_dir=keep_dir, work_dir=tmp, progress=progress,
+        report = run_experiment(vision_base, models, evaluator, methods=method_params, num_orders=num_orders,
+                                seed=seed, keep_dir=keep_dir, work_dir=tmp, progress=progress,
                                 meta={"kind": "reproduce", "clip_model": str(clip_dir),
                                       "datasets": {t: str(p) for t, p in data.items()},
-                                      "max_examples": max_examples})
+                                      "max_examples": max_examples,
+                                      "lam": {"value": paper_lambda(len(names)) if lam is None else float(lam),
+                                              "source": PAPER_LAMBDA_SOURCE if lam is None else "--lam"},
+                                      "heads": evaluator.head_sources(names)})
         del evaluator
     report["base"] = str(clip_dir)
     return report
