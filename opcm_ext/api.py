@@ -54,6 +54,7 @@ class MergeReport:
     tensors: dict[str, int]
     classification: str
     groups: int
+    streamed: int = 0  # projected matrices whose SVD ran block by block (too large for the budget)
     backend: str = ""
     warnings: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # method state, e.g. TIES thresholds
@@ -315,7 +316,7 @@ def merge_stream(
         norms=list(st.norms), mean_norm=st.mean_norm, output=out_p, device=str(sel.device),
         memory_budget_bytes=budget, peak_rss_bytes=result.peak_rss_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
         timings=result.timings, tensors=classification.counts(), classification=classification.source,
-        groups=result.groups, backend="native" if sel.native else "torch", warnings=result.warnings,
+        groups=result.groups, streamed=result.streamed, backend="native" if sel.native else "torch", warnings=result.warnings,
         details=result.details,
     )
 

@@ -115,6 +115,7 @@ class StepResult:
     peak_rss_bytes: int
     baseline_rss_bytes: int
     groups: int
+    streamed: int
     warnings: list[str]
     details: dict[str, Any]
 
@@ -349,7 +350,8 @@ def run_step(job: StepJob) -> StepResult:
     assert state is not None, "a method's passes must include one output pass"
     details = {k: v for k, v in method.details().items() if _jsonable(v)}
     return StepResult(state=state, timings=timings, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
-                      groups=len(job.plan.groups), warnings=list(info.warnings), details=details)
+                      groups=len(job.plan.groups), streamed=len(job.plan.streamed), warnings=list(info.warnings),
+                      details=details)
 
 
 def _reads(p: Pass, first: bool, sources: dict[str, Any]) -> tuple[str, ...]:

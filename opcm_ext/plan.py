@@ -476,4 +476,5 @@ def _fmt(n: int) -> str:
 
 
 def _fmt_up(n: int) -> str:
-    return f"{math.ceil(n / 1024**2)}MiB"
+    """A size at least n, rounded up to whole KiB below 10 MiB, else to whole MiB."""
+    return f"{math.ceil(n / 1024)}KiB" if n < 10 << 20 else f"{math.ceil(n / 1024**2)}MiB"
