@@ -168,13 +168,29 @@ def test_elementwise(benchmark, flat, op, backend):
     """The fused elementwise passes over a whole ViT-B/32 (88M fp32): the C++/OpenMP kernels vs their torch twins."""
     from opcm_ext import ops
 
-    be = None if backend == "native" else "torch"
     base, merged, new = flat
     M, T = merged - base, new - base
     calls = {
-        "deltas": lambda: ops.deltas(base, merged, new, backend=be),
-        "sigma_update": lambda: ops.sigma_update(M, T, 1.4, backend=be),
-        "sumsq": lambda: ops.sumsq(M, backend=be),
-        "finalize": lambda: ops.finalize(base, M, 1.7, torch.float32, backend=be),
+        "deltas": lambda: ops.deltas(base, merged, new, backend=backend),
+        "sigma_update": lambda: ops.sigma_update(M, T, 1.4, backend=backend),
+        "sumsq": lambda: ops.sumsq(M, backend=backend),
+        "finalize": lambda: ops.finalize(base, M, 1.7, torch.float32, backend=backend),
     }
     benchmark.pedantic(calls[op], rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_projection_mask(benchmark, backend):
+    """The projection mask of 12 ViT-B/32 768x768 P matrices: the C++ kernel vs its torch twin (torch.where)."""
+    from opcm_ext import _native, ops
+
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(12, 768, 768, generator=g)
+    r, keep = torch.full((12,), 256, dtype=torch.int64), torch.full((12,), 760, dtype=torch.int64)
+    Q = torch.empty_like(P)
+    C = _native.cpu()
+    calls = {
+        "native": lambda: C.mask_projection(P.data_ptr(), r.data_ptr(), keep.data_ptr(), 12, 768, Q.data_ptr()),
+        "torch": lambda: ops._mask_torch(P, r, keep),
+    }
+    benchmark.pedantic(calls[backend], rounds=5, iterations=1, warmup_rounds=1)

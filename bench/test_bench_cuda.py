@@ -548,7 +548,8 @@ def _summary_lines() -> list[str]:
     try:
         from opcm_ext import _native
 
-        lines.append(f"BENCH_CUDA SUMMARY opcm_ext._cuda build_info {_native.cuda().build_info()}")
+        lines.append(f"BENCH_CUDA SUMMARY opcm_ext._cuda build_info {_native.cuda().build_info()} "
+                     f"runtime_info {_native.cuda().runtime_info()}")
     except Exception as e:  # noqa: BLE001 - the summary must not fail the run
         lines.append(f"BENCH_CUDA SUMMARY opcm_ext._cuda build_info unavailable: {e}")
     for name, res in _RESULTS.items():

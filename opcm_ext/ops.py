@@ -1,42 +1,43 @@
 """The numerical ops of a merge step; the only module that knows backends.
 
-Every op takes torch tensors (CuPy arrays are accepted too, through DLPack, and the
-results come back as CuPy arrays), runs on the tensors' device and, on CUDA, on the
-caller's current stream:
+Two implementations of every op, on the tensors' device and (on CUDA) the caller's current stream:
 
-- CPU tensors use the compiled CPU kernels ``opcm_ext._C`` (OpenMP) and LAPACK/MKL
-  through torch for the SVD and the GEMMs;
-- CUDA tensors use ``opcm_ext._cuda`` (the GEMMs are torch.bmm, i.e. cuBLAS);
-- ``backend="torch"`` (or the environment variable ``OPCM_BACKEND=torch``) selects
-  plain torch twins of every op: the second implementation the tests compare with.
+- native: CPU tensors use the compiled kernels ``opcm_ext._C`` (OpenMP) and the float64 Gram
+  SVD of :mod:`opcm_ext._cpu_svd`; CUDA tensors use ``opcm_ext._cuda`` (GEMMs through torch);
+- torch: plain torch twins, the second implementation the tests and the self-test compare with.
 
-Norms come back as 0-d float64 tensors on the tensors' device, so a caller synchronises
-once per pass rather than once per tensor; ``accum=`` adds them into caller-owned
-float64 accumulators instead of returning fresh ones.
+:func:`select` chooses once per step and device: native only after a load-time self-test
+(handles created, every kernel run on a small input and compared with its twin; cached per
+process and device) passed, else the twins, with the reason. The module functions take
+``backend="native" | "torch" | None`` (None: what ``select(tensor.device)`` chose).
 
-Numerics: element-wise results are computed in fp32 with the same IEEE operation order
-as the torch twins (bit-identical on CPU). Sums of squares are float64; the CPU kernels
-reduce fixed 32768-element blocks in a fixed order, so they are reproducible for any
-thread count and agree with torch's float64 ``sum`` to ~1e-15 relative.
+Norms come back as 0-d float64 tensors on the tensors' device, so a caller synchronises once
+per pass rather than once per tensor. Element-wise results are fp32 with the same IEEE
+operation order as the twins (bit-identical on CPU); the CPU kernels reduce fixed 32768-element
+blocks in a fixed order (reproducible for any thread count, ~1e-15 from torch's float64 sum).
+CuPy arrays are accepted too (DLPack) and give CuPy arrays back.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from . import _native
+from ._cpu_svd import svd_workspace_bytes, thin_svd_cpu
 from .errors import BackendError, ConfigError
 
 __all__ = [
     "DTYPE_CODES",
+    "Ops",
+    "select",
     "deltas",
     "sigma_update",
     "finalize",
@@ -45,60 +46,205 @@ __all__ = [
     "keep_count",
     "project",
     "sumsq",
+    "svd_workspace_bytes",
+    "device_svd_workspace_bytes",
 ]
 
-#: dtype codes understood by the kernels of ``_C`` and ``_cuda``.
+#: dtype codes understood by the kernels of ``_C`` and ``_cuda`` (csrc/common/dtype.h).
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _EPS32 = torch.finfo(torch.float32).eps
+_BACKENDS = ("auto", "native", "torch")
+
+
+# ----------------------------------------------------------------------------- the backend choice
+@dataclass(frozen=True)
+class Ops:
+    """The ops of one device, bound to the backend :func:`select` chose (native kernels or torch twins)."""
+
+    device: torch.device
+    native: bool
+    reason: str | None = None  # why the native kernels are not used (None: they are, or torch was asked for)
+
+    @property
+    def _backend(self) -> str:
+        return "native" if self.native else "torch"
+
+    def deltas(self, base: Any, merged: Any, new: Any) -> tuple[Any, Any, Any, Any]:
+        """See :func:`deltas`."""
+        return deltas(base, merged, new, backend=self._backend)
+
+    def sigma_update(self, M: Any, Tp: Any, lam_prev: float, out: Any = None) -> tuple[Any, Any]:
+        """See :func:`sigma_update`."""
+        return sigma_update(M, Tp, lam_prev, out, backend=self._backend)
+
+    def finalize(self, base: Any, sigma: Any, lam: float, out_dtype: torch.dtype, out: Any = None) -> Any:
+        """See :func:`finalize`."""
+        return finalize(base, sigma, lam, out_dtype, out, backend=self._backend)
+
+    def thin_svd(self, A: Any) -> tuple[Any, Any, Any]:
+        """See :func:`thin_svd`."""
+        return thin_svd(A, backend=self._backend)
+
+    def project(self, T: Any, U: Any, S: Any, V: Any, alpha: float) -> Any:
+        """See :func:`project`."""
+        return project(T, U, S, V, alpha, backend=self._backend)
+
+    def sumsq(self, x: Any) -> Any:
+        """See :func:`sumsq`."""
+        return sumsq(x, backend=self._backend)
+
+    def split_rank(self, S: Any, alpha: float) -> Any:
+        """See :func:`split_rank` (one implementation: float64 torch ops)."""
+        return split_rank(S, alpha)
+
+
+def select(device: str | torch.device = "auto", backend: str = "auto") -> Ops:
+    """The ops for one device: the native kernels when their self-test passes, else the torch twins.
+
+    ``device="auto"``: CUDA when torch sees a GPU, else the CPU. ``backend="auto"`` falls back to
+    the twins with ``reason`` saying why; ``"native"`` raises BackendError naming the cause
+    instead; ``"torch"`` always uses the twins. A CUDA device without a GPU is a ConfigError.
+    """
+    b = str(backend).lower()
+    if b not in _BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use 'auto', 'native' or 'torch'.")
+    dev = _resolve_device(device)
+    if b == "torch":
+        return Ops(dev, False, None)
+    why = _verdict(dev)
+    if why is None:
+        return Ops(dev, True, None)
+    if b == "native":
+        raise BackendError(f"backend='native' cannot run on {dev}: {why}")
+    return Ops(dev, False, f"native kernels not used on {dev}: {why}; running the torch ops instead")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'.") from e
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        what = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU (no device or no driver)"
+        raise ConfigError(f"device {str(device)!r} was asked for but torch {torch.__version__} {what}; fix: use "
+                          "device 'cpu' or 'auto', or install a CUDA build of torch on a machine with a GPU.")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s).")
+    return torch.device("cuda", index)
+
+
+_verdicts: dict[str, str | None] = {}  # device -> None (native passed its self-test) or why not
+_verdict_lock = threading.Lock()
+
+
+def _verdict(dev: torch.device) -> str | None:
+    with _verdict_lock:
+        if str(dev) not in _verdicts:
+            _verdicts[str(dev)] = _self_test(dev)
+        return _verdicts[str(dev)]
+
+
+def _self_test(dev: torch.device) -> str | None:
+    """None when the native kernels on `dev` load and agree with their twins on small inputs; else why not."""
+    if dev.type not in ("cpu", "cuda"):
+        return f"there are no native kernels for {dev.type} devices"
+    try:
+        if dev.type == "cuda":
+            mod = _native.cuda()
+            info = mod.runtime_info()
+            driver, runtime = info["cuda_driver_version"], info["cuda_runtime_version"]
+            if driver // 1000 < runtime // 1000:
+                return (f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but opcm_ext._cuda "
+                        f"uses the CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime; fix: update the driver")
+            try:
+                with torch.cuda.device(dev):
+                    mod.init_handles()
+            except RuntimeError as e:
+                return f"creating the cuBLAS/cuSOLVER handles on {dev} failed ({e})"
+        else:
+            _native.cpu()
+        _compare_with_twins(dev)
+    except BackendError as e:
+        return str(e).rstrip(".")
+    except (RuntimeError, ValueError) as e:
+        return f"the self-test failed: {e}"
+    return None
+
+
+def _compare_with_twins(dev: torch.device) -> None:
+    """Every native op on a small input against its torch twin; RuntimeError naming the first that differs."""
+    g = torch.Generator().manual_seed(1234)
+    rand = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g).to(dtype).to(dev)  # noqa: E731
+    base, merged, new = rand(1031, dtype=torch.bfloat16), rand(1031, dtype=torch.float16), rand(1031)
+    A, T = rand(2, 40, 24), rand(2, 40, 24)
+    lam = 1.7320508075688772
+    results: dict[str, list[Any]] = {}
+    for backend in ("native", "torch"):
+        M, Tn, sm, st = deltas(base, merged, new, backend=backend)
+        sig, ss = sigma_update(M, Tn, lam, backend=backend)
+        out = finalize(base, sig, lam, torch.bfloat16, backend=backend)
+        U, S, V = thin_svd(A, backend=backend)
+        Tp = project(T, U, S, V, 0.5, backend=backend)
+        results[backend] = [M, Tn, sm, st, sig, ss, out, sumsq(new, backend=backend), S, Tp]
+    names = ["deltas (M)", "deltas (T)", "deltas (sum M^2)", "deltas (sum T^2)", "sigma_update",
+             "sigma_update (sum)", "finalize", "sumsq", "thin_svd (S)", "thin_svd + project"]
+    rtol = [2.0**-22, 2.0**-22, 1e-10, 1e-10, 2.0**-22, 1e-10, 2.0**-7, 1e-10, 1e-4, 1e-4]
+    for name, tol, got, want in zip(names, rtol, results["native"], results["torch"]):
+        got, want = got.double(), want.double()
+        err = float((got - want).norm() / want.norm().clamp_min(1e-300)) if got.numel() > 1 else abs(
+            float(got) - float(want)) / max(abs(float(want)), 1e-300)
+        if not math.isfinite(err) or err > tol:
+            raise RuntimeError(f"{name} differs from its torch twin on {dev} (relative error {err:.3g} > {tol:.3g})")
+
+
+_warned: set[str] = set()
+
+
+def _use_native(backend: str | None, device: torch.device, op: str) -> bool:
+    """True: run the compiled kernels; False: the torch twins (None: what select(device) chose)."""
+    if backend == "native":
+        return True
+    if backend == "torch":
+        return False
+    if backend is not None and backend != "auto":
+        raise ConfigError(f"ops.{op}: unknown backend {backend!r}; use 'native', 'torch' or None (auto).")
+    chosen = select(device)
+    if chosen.reason and str(device) not in _warned:
+        _warned.add(str(device))
+        warnings.warn(f"opcm: {chosen.reason}", RuntimeWarning, stacklevel=3)
+    return chosen.native
 
 
 # ----------------------------------------------------------------------------- plumbing
-def _use_torch(backend: str | None) -> bool:
-    b = backend if backend is not None else os.environ.get("OPCM_BACKEND", "auto")
-    b = (b or "auto").lower()
-    if b == "torch":
-        return True
-    if b in ("auto", "native"):
-        return False
-    raise ConfigError(f"unknown ops backend {b!r} (argument backend= or OPCM_BACKEND); use 'auto' or 'torch'.")
-
-
 def _is_cupy(x: Any) -> bool:
     return type(x).__module__.split(".", 1)[0] == "cupy"
 
 
 def _cupy_io(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Accept CuPy arrays (converted with torch.from_dlpack) and return CuPy when any input was CuPy."""
+    """Accept CuPy arrays (torch.from_dlpack) and return CuPy arrays when any input was one."""
 
-    def conv_in(x: Any) -> Any:
-        if _is_cupy(x):
-            return torch.from_dlpack(x)
-        if isinstance(x, (tuple, list)) and any(_is_cupy(v) for v in x):
-            return type(x)(conv_in(v) for v in x)
-        return x
-
-    def conv_out(x: Any) -> Any:
+    def to_cupy(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return tuple(to_cupy(v) for v in x)
         if isinstance(x, torch.Tensor):
             import cupy  # type: ignore[import-not-found]
 
             return cupy.from_dlpack(x)
-        if isinstance(x, tuple):
-            return tuple(conv_out(v) for v in x)
         return x
 
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not any(_is_cupy(v) or isinstance(v, (tuple, list)) for v in [*args, *kwargs.values()]):
+        if not any(_is_cupy(v) for v in (*args, *kwargs.values())):
             return fn(*args, **kwargs)  # the common case: torch tensors only
-        args_in = [conv_in(a) for a in args]
-        kwargs_in = {k: conv_in(v) for k, v in kwargs.items()}
-        was_cupy = any(
-            _is_cupy(v) or (isinstance(v, (tuple, list)) and any(_is_cupy(w) for w in v))
-            for v in [*args, *kwargs.values()]
-        )
-        out = fn(*args_in, **kwargs_in)
-        return conv_out(out) if was_cupy else out
+        conv = lambda x: torch.from_dlpack(x) if _is_cupy(x) else x  # noqa: E731
+        return to_cupy(fn(*map(conv, args), **{k: conv(v) for k, v in kwargs.items()}))
 
-    return functools.wraps(fn)(wrapper)
+    return wrapper
 
 
 def _require(cond: bool, op: str, msg: str) -> None:
@@ -106,19 +252,24 @@ def _require(cond: bool, op: str, msg: str) -> None:
         raise ValueError(f"ops.{op}: {msg}")
 
 
-def _check_float(x: torch.Tensor, op: str, arg: str) -> None:
+def _check_float(x: torch.Tensor, op: str, arg: str, fp32_only: bool = False) -> None:
     _require(isinstance(x, torch.Tensor), op, f"{arg} must be a torch tensor or CuPy array, got {type(x).__name__}")
-    _require(x.dtype in DTYPE_CODES, op, f"{arg} has dtype {x.dtype}; expected float32, float16 or bfloat16")
-
-
-def _check_fp32(x: torch.Tensor, op: str, arg: str) -> None:
-    _require(isinstance(x, torch.Tensor), op, f"{arg} must be a torch tensor or CuPy array, got {type(x).__name__}")
-    _require(x.dtype == torch.float32, op, f"{arg} has dtype {x.dtype}; expected float32")
+    if fp32_only:
+        _require(x.dtype == torch.float32, op, f"{arg} has dtype {x.dtype}; expected float32")
+    else:
+        _require(x.dtype in DTYPE_CODES, op, f"{arg} has dtype {x.dtype}; expected float32, float16 or bfloat16")
 
 
 def _check_like(x: torch.Tensor, ref: torch.Tensor, op: str, arg: str, ref_arg: str) -> None:
     _require(x.shape == ref.shape, op, f"{arg} has shape {tuple(x.shape)} but {ref_arg} has {tuple(ref.shape)}")
     _require(x.device == ref.device, op, f"{arg} is on {x.device} but {ref_arg} is on {ref.device}")
+
+
+def _check_out(out: torch.Tensor | None, dtype: torch.dtype, ref: torch.Tensor, op: str, ref_arg: str) -> None:
+    if out is not None:
+        _require(isinstance(out, torch.Tensor) and out.dtype == dtype, op, f"out must be a {dtype} tensor")
+        _check_like(out, ref, op, "out", ref_arg)
+        _require(out.is_contiguous(), op, "out must be contiguous")
 
 
 def _f32(x: float, op: str, arg: str, nonzero: bool = False) -> float:
@@ -137,8 +288,7 @@ def _kernels(device: torch.device) -> tuple[Any, tuple[int, ...]]:
     if device.type == "cpu":
         return _native.cpu(), ()
     if device.type == "cuda":
-        mod = _native.cuda()
-        return mod, (torch.cuda.current_stream(device).cuda_stream,)
+        return _native.cuda(), (torch.cuda.current_stream(device).cuda_stream,)
     raise BackendError(f"no opcm kernels for device {device}; use a CPU or CUDA device, or backend='torch'.")
 
 
@@ -153,184 +303,87 @@ def _call(op: str, device: torch.device, fn: Callable[..., Any], *args: Any) -> 
         raise BackendError(f"ops.{op}: the native kernel failed on {device}: {e}") from e
 
 
-class _Sums:
-    """`count` float64 accumulators the kernels add into: fresh zeros, or the caller's `accum`."""
-
-    def __init__(self, accum: Any, count: int, device: torch.device, op: str) -> None:
-        self._targets: list[torch.Tensor | None] | None = None
-        if accum is None:
-            self.buf = torch.zeros(count, dtype=torch.float64, device=device)
-            self.outputs: list[torch.Tensor | None] = list(self.buf.unbind(0))
-            return
-        if isinstance(accum, torch.Tensor) and accum.dim() <= 1:
-            _require(accum.numel() == count, op, f"accum must hold {count} float64 value(s), got {accum.numel()}")
-            targets: list[torch.Tensor | None] = list(accum.reshape(-1).unbind(0)) if count > 1 else [accum]
-        else:
-            targets = list(accum)
-            _require(len(targets) == count, op, f"accum must be {count} 0-d float64 tensors, got {len(targets)}")
-        for t in targets:
-            if t is not None:
-                _require(
-                    isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() == 1,
-                    op,
-                    "accum entries must be one-element float64 tensors",
-                )
-                _require(t.device == device, op, f"accum is on {t.device}, the tensors on {device}")
-        self.outputs = targets
-        # Pass the caller's memory straight to the kernel when it is laid out as the kernel
-        # expects (consecutive float64 values); otherwise use a temporary and add afterwards.
-        first = targets[0]
-        direct = all(t is not None for t in targets) and all(
-            t.data_ptr() == first.data_ptr() + 8 * i for i, t in enumerate(targets)  # type: ignore[union-attr]
-        )
-        if direct:
-            self.buf = first  # type: ignore[assignment]
-        else:
-            self.buf = torch.zeros(count, dtype=torch.float64, device=device)
-            self._targets = targets
-
-    @property
-    def ptr(self) -> int:
-        return self.buf.data_ptr()
-
-    def finish(self) -> list[torch.Tensor | None]:
-        if self._targets is not None:
-            for i, t in enumerate(self._targets):
-                if t is not None:
-                    t.add_(self.buf[i].reshape(t.shape))
-        return self.outputs
+def _sums(count: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(count, dtype=torch.float64, device=device)
 
 
 def _torch_sumsq(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64).square().sum()
 
 
-def _torch_accumulate(values: list[torch.Tensor | None], accum: Any, op: str) -> list[torch.Tensor | None]:
-    if accum is None:
-        return values
-    device = next(v.device for v in values if v is not None)
-    sums = _Sums(accum, len(values), device, op)
-    for i, v in enumerate(values):
-        if v is not None and sums.outputs[i] is not None:
-            sums.outputs[i].add_(v.reshape(sums.outputs[i].shape))  # type: ignore[union-attr]
-    return sums.outputs
-
-
 # ----------------------------------------------------------------------------- element-wise ops
 @_cupy_io
 def deltas(
-    base: torch.Tensor,
-    merged: torch.Tensor | None,
-    new: torch.Tensor,
-    *,
-    accum: Any = None,
-    backend: str | None = None,
+    base: torch.Tensor, merged: torch.Tensor | None, new: torch.Tensor, *, backend: str | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Task vectors M = merged - base, T = new - base (fp32) and their float64 sums of squares."""
+    """Task vectors M = merged - base, T = new - base (fp32) and their float64 sums of squares (0-d)."""
     _check_float(base, "deltas", "base")
     _check_float(new, "deltas", "new")
     _check_like(new, base, "deltas", "new", "base")
     if merged is not None:
         _check_float(merged, "deltas", "merged")
         _check_like(merged, base, "deltas", "merged", "base")
-    if _use_torch(backend):
+    if not _use_native(backend, base.device, "deltas"):
         b = base.float()
         T = new.float() - b
         M = merged.float() - b if merged is not None else None
-        ss = _torch_accumulate([_torch_sumsq(M) if M is not None else None, _torch_sumsq(T)], accum, "deltas")
-        return M, T, (ss[0] if merged is not None else None), ss[1]  # type: ignore[return-value]
+        return M, T, (_torch_sumsq(M) if M is not None else None), _torch_sumsq(T)
 
     mod, tail = _kernels(base.device)
     base_c, new_c = base.contiguous(), new.contiguous()
     merged_c = merged.contiguous() if merged is not None else None
     T = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     M = torch.empty_like(T) if merged is not None else None
-    sums = _Sums(accum, 2, base.device, "deltas")
-    _call(
-        "deltas",
-        base.device,
-        mod.deltas,
-        base_c.data_ptr(),
-        DTYPE_CODES[base.dtype],
-        merged_c.data_ptr() if merged_c is not None else 0,
-        DTYPE_CODES[merged.dtype] if merged is not None else 0,
-        new_c.data_ptr(),
-        DTYPE_CODES[new.dtype],
-        M.data_ptr() if M is not None else 0,
-        T.data_ptr(),
-        T.numel(),
-        sums.ptr,
-        *tail,
-    )
-    ss_m, ss_t = sums.finish()
-    return M, T, (ss_m if merged is not None else None), ss_t  # type: ignore[return-value]
+    sums = _sums(2, base.device)
+    _call("deltas", base.device, mod.deltas, base_c.data_ptr(), DTYPE_CODES[base.dtype],
+          merged_c.data_ptr() if merged_c is not None else 0, DTYPE_CODES[merged.dtype] if merged is not None else 0,
+          new_c.data_ptr(), DTYPE_CODES[new.dtype], M.data_ptr() if M is not None else 0, T.data_ptr(), T.numel(),
+          sums.data_ptr(), *tail)
+    return M, T, (sums[0] if merged is not None else None), sums[1]
 
 
 @_cupy_io
 def sigma_update(
-    M: torch.Tensor,
-    Tp: torch.Tensor,
-    lam_prev: float,
-    out: torch.Tensor | None = None,
-    *,
-    accum: Any = None,
-    backend: str | None = None,
+    M: torch.Tensor, Tp: torch.Tensor, lam_prev: float, out: torch.Tensor | None = None, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigma = lam_prev * M + T' (fp32; ``out`` may be ``M``) and its float64 sum of squares."""
-    _check_fp32(M, "sigma_update", "M")
-    _check_fp32(Tp, "sigma_update", "Tp")
+    """Sigma = lam_prev * M + T' (fp32; ``out`` may be ``M``) and its float64 sum of squares (0-d)."""
+    _check_float(M, "sigma_update", "M", fp32_only=True)
+    _check_float(Tp, "sigma_update", "Tp", fp32_only=True)
     _check_like(Tp, M, "sigma_update", "Tp", "M")
     lam_prev = float(lam_prev)
     _f32(lam_prev, "sigma_update", "lam_prev")
-    if out is not None:
-        _check_fp32(out, "sigma_update", "out")
-        _check_like(out, M, "sigma_update", "out", "M")
-        _require(out.is_contiguous(), "sigma_update", "out must be contiguous")
-    if _use_torch(backend):
+    _check_out(out, torch.float32, M, "sigma_update", "M")
+    if not _use_native(backend, M.device, "sigma_update"):
         res = M * lam_prev + Tp
         if out is not None:
-            out.copy_(res)
-            res = out
-        (ss,) = _torch_accumulate([_torch_sumsq(res)], accum, "sigma_update")
-        return res, ss  # type: ignore[return-value]
+            res = out.copy_(res)
+        return res, _torch_sumsq(res)
 
     mod, tail = _kernels(M.device)
     M_c, Tp_c = M.contiguous(), Tp.contiguous()
     res = out if out is not None else torch.empty(M.shape, dtype=torch.float32, device=M.device)
-    sums = _Sums(accum, 1, M.device, "sigma_update")
+    sums = _sums(1, M.device)
     _call("sigma_update", M.device, mod.sigma_update, M_c.data_ptr(), Tp_c.data_ptr(), lam_prev, res.data_ptr(),
-          res.numel(), sums.ptr, *tail)
-    (ss,) = sums.finish()
-    return res, ss  # type: ignore[return-value]
+          res.numel(), sums.data_ptr(), *tail)
+    return res, sums[0]
 
 
 @_cupy_io
 def finalize(
-    base: torch.Tensor,
-    sigma: torch.Tensor,
-    lam: float,
-    out_dtype: torch.dtype,
-    *,
-    out: torch.Tensor | None = None,
+    base: torch.Tensor, sigma: torch.Tensor, lam: float, out_dtype: torch.dtype, out: torch.Tensor | None = None, *,
     backend: str | None = None,
 ) -> torch.Tensor:
     """theta = base + sigma / lam in fp32, rounded to nearest even into ``out_dtype``."""
     _check_float(base, "finalize", "base")
-    _check_fp32(sigma, "finalize", "sigma")
+    _check_float(sigma, "finalize", "sigma", fp32_only=True)
     _check_like(sigma, base, "finalize", "sigma", "base")
     _require(out_dtype in DTYPE_CODES, "finalize", f"out_dtype {out_dtype} is not float32, float16 or bfloat16")
     lam = float(lam)
     lam32 = _f32(lam, "finalize", "lam", nonzero=True)
-    if out is not None:
-        _require(out.dtype == out_dtype, "finalize", f"out has dtype {out.dtype}, expected {out_dtype}")
-        _check_like(out, base, "finalize", "out", "base")
-        _require(out.is_contiguous(), "finalize", "out must be contiguous")
-    if _use_torch(backend):
+    _check_out(out, out_dtype, base, "finalize", "base")
+    if not _use_native(backend, base.device, "finalize"):
         res = (base.float() + sigma / lam32).to(out_dtype)
-        if out is not None:
-            out.copy_(res)
-            res = out
-        return res
+        return out.copy_(res) if out is not None else res
 
     mod, tail = _kernels(base.device)
     base_c, sigma_c = base.contiguous(), sigma.contiguous()
@@ -341,152 +394,34 @@ def finalize(
 
 
 @_cupy_io
-def sumsq(x: torch.Tensor, *, accum: Any = None, backend: str | None = None) -> torch.Tensor:
+def sumsq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Float64 sum of squares of an fp32/fp16/bf16 tensor, as a 0-d tensor on its device."""
     _check_float(x, "sumsq", "x")
-    if _use_torch(backend):
-        return _torch_accumulate([_torch_sumsq(x.float())], accum, "sumsq")[0]  # type: ignore[return-value]
+    if not _use_native(backend, x.device, "sumsq"):
+        return _torch_sumsq(x.float())
     mod, tail = _kernels(x.device)
     x_c = x.contiguous()
-    sums = _Sums(accum, 1, x.device, "sumsq")
-    _call("sumsq", x.device, mod.sumsq, x_c.data_ptr(), DTYPE_CODES[x.dtype], x_c.numel(), sums.ptr, *tail)
-    return sums.finish()[0]  # type: ignore[return-value]
+    sums = _sums(1, x.device)
+    _call("sumsq", x.device, mod.sumsq, x_c.data_ptr(), DTYPE_CODES[x.dtype], x_c.numel(), sums.data_ptr(), *tail)
+    return sums[0]
 
 
 # ----------------------------------------------------------------------------- SVD
-# CPU: per matrix, the float64 Gram matrix of the small side and its eigendecomposition
-# (LAPACK syevd through torch/MKL), several single-threaded matrices side by side in a
-# thread pool (torch releases the GIL) - see thin_svd for why.
-_svd_pool: ThreadPoolExecutor | None = None
-_svd_pool_size = 0
-_svd_lock = threading.Lock()
+def device_svd_workspace_bytes(m: int, n: int, batch: int, device: str | torch.device | None = None) -> int:
+    """Device bytes a CUDA thin_svd of `batch` m x n matrices needs beyond its inputs and outputs.
 
-
-def _reset_svd_pool_after_fork() -> None:
-    # A forked child has none of the parent's pool threads: start a fresh pool there.
-    global _svd_pool, _svd_pool_size, _svd_lock
-    _svd_pool, _svd_pool_size, _svd_lock = None, 0, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_svd_pool_after_fork)
-
-
-def _svd_workers(batch: int) -> int:
-    env = os.environ.get("OPCM_SVD_WORKERS", "")
-    n = int(env) if env.strip() else torch.get_num_threads()
-    return max(1, min(n, batch))
-
-
-def _gram_block_rows(k: int) -> int:
-    """Rows per float64 block when forming X^T X and X W: about 4 MiB of float64 per block."""
-    return max(64, (4 << 20) // (8 * max(k, 1)))
-
-
-def svd_workspace_bytes(m: int, n: int) -> int:
-    """Host bytes one CPU thin_svd worker holds beyond its inputs and outputs for an m x n matrix.
-
-    X W in float64 (max(m, n) x k), the Gram matrix, its eigenvectors and eigh's workspace
-    (a few k x k in float64) and one float64 row block; k = min(m, n).
+    Exact (the native module's own query) when ``opcm_ext._cuda`` is loaded and a GPU is visible;
+    otherwise an estimate: the fp64 copies and factors, 32 MiB for cuBLAS and a k x k solver
+    workspace per matrix (k = min(m, n)).
     """
-    L, k = max(m, n), min(m, n)
-    return 8 * (L * k + 5 * k * k) + 2 * 8 * min(L, _gram_block_rows(k)) * k
-
-
-def _gram_eigh_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, V) of one fp32 matrix from the float64 Gram matrix of its small side.
-
-    X = A (or A^T when wide), G = X^T X = W diag(S^2) W^T (eigh, float64), then
-    S_i = ||X w_i|| and the big side's vectors X w_i / S_i, sorted by S descending. All
-    arithmetic is float64, so every triplet with S_i above ~sqrt(k) * 1e-8 * S_1 is
-    resolved to float32 accuracy - far below project()'s cut S_1 * max(m, n) * eps32,
-    so every triplet it keeps is exact to float32. A column with S_i == 0 is zero.
-    """
-    wide = a.shape[-2] < a.shape[-1]
-    x = a.mT if wide else a  # [L, k], L >= k, float32
-    L, k = x.shape
-    # G = X^T X in float64, accumulated over row blocks so that no float64 copy of X
-    # exists: the float64 working set of one matrix is X W (L x k) plus a few k x k.
-    rows = _gram_block_rows(k)
-    g = torch.zeros(k, k, dtype=torch.float64)
-    for i in range(0, L, rows):
-        blk = x[i:i + rows].to(torch.float64)
-        g.addmm_(blk.mT, blk)
-        del blk
-    _, w = torch.linalg.eigh(g)
-    del g
-    w = w.flip(-1)  # eigenvalues descending, so the norms below are (almost always) sorted already
-    xw = torch.empty(L, k, dtype=torch.float64)
-    for i in range(0, L, rows):
-        torch.mm(x[i:i + rows].to(torch.float64), w, out=xw[i:i + rows])
-    s = torch.linalg.vector_norm(xw, dim=0)
-    s, order = torch.sort(s, descending=True, stable=True)
-    if not bool((order == torch.arange(k)).all()):
-        w, xw = w[:, order], xw[:, order]
-    big = xw.div_(torch.where(s > 0, s, 1.0))
-    big[:, s == 0] = 0.0
-    # The kept big-side columns lose orthogonality ~eps64 * S_1^2 / (S_i * S_j), at most
-    # ~1.6e-2 / L^2 (L = max(m, n)): below float32 rounding from L ~ 512 on. For smaller
-    # matrices (cheap) two Newton-Schulz polar steps X <- X (3I - X^T X) / 2 restore it,
-    # as the CUDA kernel does.
-    if max(a.shape) < 512:
-        kept = s > s[:1] * (max(a.shape) * _EPS32)
-        if bool(kept.any()):
-            X = big[:, kept]
-            eye = torch.eye(X.shape[1], dtype=X.dtype)
-            for _ in range(2):
-                X = X @ (1.5 * eye - 0.5 * (X.mT @ X))
-            big[:, kept] = X
-    if wide:
-        return w, s, big
-    return big, s, w
-
-
-def _thin_svd_cpu(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    global _svd_pool, _svd_pool_size
-    B, m, n = A.shape
     k = min(m, n)
-    U = torch.empty(B, m, k, dtype=torch.float32)
-    S = torch.empty(B, k, dtype=torch.float32)
-    V = torch.empty(B, n, k, dtype=torch.float32)
-
-    def one(b: int) -> None:
-        try:
-            u, s, v = _gram_eigh_svd(A[b])
-            err = None if bool(torch.isfinite(s).all()) else "non-finite singular values"
-        except RuntimeError as e:  # torch.linalg.LinAlgError: syevd did not converge
-            err = str(e).rstrip(".")
-        if err is not None:
-            raise BackendError(
-                f"ops.thin_svd: the eigensolver failed on matrix {b} of {B} (shape {m}x{n}): {err}; "
-                "check the inputs for NaN/Inf."
-            )
-        U[b].copy_(u)
-        S[b].copy_(s)
-        V[b].copy_(v)
-
-    workers = _svd_workers(B)
-    if workers == 1:
-        for b in range(B):
-            one(b)
-        return U, S, V
-
-    def single_threaded(b: int) -> None:
-        torch.set_num_threads(1)  # this worker's OpenMP team and MKL: 1 thread
-        one(b)
-
-    threads = torch.get_num_threads()
-    with _svd_lock:  # one batch at a time: the MKL thread setting is process-wide
-        if _svd_pool is None or _svd_pool_size != workers:
-            if _svd_pool is not None:
-                _svd_pool.shutdown(wait=True)
-            _svd_pool = ThreadPoolExecutor(workers, thread_name_prefix="opcm-svd")
-            _svd_pool_size = workers
-        try:
-            list(_svd_pool.map(single_threaded, range(B)))
-        finally:
-            torch.set_num_threads(threads)  # MKL's setting is global: restore the caller's
-    return U, S, V
+    if batch <= 0 or k <= 0:
+        return 0
+    if torch.cuda.is_available() and _native.has_cuda():
+        dev = _resolve_device("cuda" if device is None else device)
+        with torch.cuda.device(dev):
+            return int(_native.cuda().svd_workspace_size(batch, m, n))
+    return batch * (16 * m * n + 24 * k * k + 28 * k) + (32 << 20)
 
 
 def _thin_svd_cuda(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -497,8 +432,7 @@ def _thin_svd_cuda(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     S = torch.empty(B, k, dtype=torch.float32, device=A.device)
     V = torch.empty(B, n, k, dtype=torch.float32, device=A.device)
     info = torch.zeros(B, dtype=torch.int32, device=A.device)
-    with torch.cuda.device(A.device):
-        work_bytes = int(mod.svd_workspace_size(B, m, n))
+    work_bytes = int(_call("thin_svd", A.device, mod.svd_workspace_size, B, m, n))
     work = torch.empty(max(work_bytes, 1), dtype=torch.uint8, device=A.device)
     _call("thin_svd", A.device, mod.batched_thin_svd, A.data_ptr(), B, m, n, U.data_ptr(), S.data_ptr(), V.data_ptr(),
           work.data_ptr(), work_bytes, info.data_ptr(), stream)
@@ -517,18 +451,11 @@ def thin_svd(A: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tens
     """Thin SVD of fp32 A[B,m,n] (or [m,n]): U[B,m,k], S[B,k] descending, V[B,n,k], k = min(m,n).
 
     The small side (V when m >= n, else U) is orthonormal; the other side's columns are
-    orthonormal for every triplet project() keeps (S_i > S_1 * max(m, n) * eps32), and
-    zero where S_i == 0 - the same contract as the CUDA kernel.
-
-    CPU: per matrix, eigh of the float64 Gram matrix of the small side (_gram_eigh_svd),
-    single-threaded matrices side by side in a thread pool (``OPCM_SVD_WORKERS``, default
-    ``torch.get_num_threads()``). It costs the same as LAPACK sgesdd on the tall
-    orientation but is float64-accurate (sgesdd's T' is off by up to 1e-2 for power-law
-    spectra whose small singular values lie closer than eps32), and on 2 cores it is
-    ~3x faster than torch's batched multi-threaded svd, whose OpenMP barriers also
-    collapse when the cores are shared with other work.
+    orthonormal for every triplet project() keeps (S_i > S_1 * max(m, n) * eps32), and zero
+    where S_i == 0. Native: the float64 Gram route (CPU: opcm_ext._cpu_svd, CUDA:
+    csrc/svd/thin_svd.h); torch: torch.linalg.svd.
     """
-    _check_fp32(A, "thin_svd", "A")
+    _check_float(A, "thin_svd", "A", fp32_only=True)
     _require(A.dim() in (2, 3), "thin_svd", f"A must be [B, m, n] or [m, n], got shape {tuple(A.shape)}")
     squeeze = A.dim() == 2
     A3 = A.unsqueeze(0) if squeeze else A
@@ -537,13 +464,13 @@ def thin_svd(A: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tens
         k = min(m, n)
         z = dict(dtype=torch.float32, device=A.device)
         U, S, V = torch.zeros(B, m, k, **z), torch.zeros(B, k, **z), torch.zeros(B, n, k, **z)
-    elif _use_torch(backend):
+    elif not _use_native(backend, A.device, "thin_svd"):
         u, S, vh = torch.linalg.svd(A3, full_matrices=False)
         U, V = u, vh.mT
     elif A.device.type == "cuda":
         U, S, V = _thin_svd_cuda(A3.contiguous())
     elif A.device.type == "cpu":
-        U, S, V = _thin_svd_cpu(A3)
+        U, S, V = thin_svd_cpu(A3)
     else:
         raise BackendError(f"ops.thin_svd: no kernels for device {A.device}; use backend='torch'.")
     if squeeze:
@@ -554,17 +481,22 @@ def thin_svd(A: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------- projection
 @_cupy_io
 def split_rank(S: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per matrix, the first 0-based k with cumsum(S)[k] / sum(S) > alpha, else 0 (int64[B])."""
+    """Per matrix, the first 0-based k with cumsum(S)[k] / sum(S) > alpha, else 0 (int64[B]).
+
+    In float64, with sum(S) taken as the last cumulative sum (as the reference does), so the last
+    share is exactly 1 and alpha = 1 always gives r = 0; an all-zero S gives r = 0.
+    """
     _require(isinstance(S, torch.Tensor) and S.dim() in (1, 2), "split_rank", "S must be [B, k] or [k]")
     alpha = float(alpha)
     if not 0.0 < alpha <= 1.0:
         raise ConfigError(f"alpha must be in (0, 1], got {alpha}")
-    S2 = S.unsqueeze(0) if S.dim() == 1 else S
+    S2 = (S.unsqueeze(0) if S.dim() == 1 else S).to(torch.float64)
     if S2.shape[-1] == 0:
         r = torch.zeros(S2.shape[0], dtype=torch.int64, device=S.device)
     else:
-        share = torch.cumsum(S2, dim=-1) / S2.sum(dim=-1, keepdim=True)
-        above = share > alpha  # NaN (all-zero S) compares False: r = 0
+        c = torch.cumsum(S2, dim=-1)
+        total = c[:, -1:]
+        above = (c / total > alpha) & (total > 0)
         r = torch.where(above.any(dim=-1), above.to(torch.uint8).argmax(dim=-1), 0).to(torch.int64)
     return r[0] if S.dim() == 1 else r
 
@@ -582,16 +514,16 @@ def keep_count(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
 
 
 def _mask_torch(P: torch.Tensor, r: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    k = P.shape[-1]
-    idx = torch.arange(k, device=P.device)
+    """The twin of mask_projection (csrc/project/project.h)."""
+    idx = torch.arange(P.shape[-1], device=P.device)
     in_r = idx[None, :] < r[:, None]  # [B, k]
     block = in_r[:, :, None] & in_r[:, None, :]
-    diag = (~in_r) & (idx[None, :] < keep[:, None])
-    return P * block + torch.diag_embed(torch.diagonal(P, dim1=-2, dim2=-1) * diag)
+    diag = torch.diag_embed((~in_r) & (idx[None, :] < keep[:, None]))
+    return torch.where(block | diag, P, 0.0)
 
 
 def _project_torch(T: torch.Tensor, U: torch.Tensor, V: torch.Tensor, r: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The spec's cheap exact form, matrix by matrix: T - U_r (U_r^T T V_r) V_r^T - sum_{r<=i<keep} d_i u_i v_i^T."""
+    """The cheap exact form, matrix by matrix: T - U_r (U_r^T T V_r) V_r^T - sum_{r<=i<keep} d_i u_i v_i^T."""
     out = torch.empty_like(T)
     for b in range(T.shape[0]):
         rb, kb = int(r[b]), int(keep[b])
@@ -608,15 +540,9 @@ def _project_torch(T: torch.Tensor, U: torch.Tensor, V: torch.Tensor, r: torch.T
 
 @_cupy_io
 def project(
-    T: torch.Tensor,
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    alpha: float,
-    *,
-    backend: str | None = None,
+    T: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, alpha: float, *, backend: str | None = None
 ) -> torch.Tensor:
-    """OPCM projection T' of T[B,m,n] against the thin SVD (U, S, V) of M (the spec's cheap exact form).
+    """OPCM projection T' of T[B,m,n] against the thin SVD (U, S, V) of M (the cheap exact form).
 
     Triplets with S <= S[0] * max(m, n) * eps(fp32) are dropped (so M = 0 gives T' = T):
     keep = how many remain, r = split_rank(S with the dropped values set to 0, alpha).
@@ -624,7 +550,7 @@ def project(
     diagonal entries r <= i < keep.
     """
     for name, x in (("T", T), ("U", U), ("S", S), ("V", V)):
-        _check_fp32(x, "project", name)
+        _check_float(x, "project", name, fp32_only=True)
     squeeze = T.dim() == 2
     if squeeze:
         T, U, S, V = T.unsqueeze(0), U.unsqueeze(0), S.unsqueeze(0), V.unsqueeze(0)
@@ -637,12 +563,12 @@ def project(
     for name, x in (("U", U), ("S", S), ("V", V)):
         _require(x.device == T.device, "project", f"{name} is on {x.device} but T is on {T.device}")
     keep = keep_count(S, m, n)
-    # The split rank counts the dropped triplets as exactly zero (SPEC, "Degenerate cases").
+    # The split rank counts the dropped triplets as exactly zero (the degenerate-case rule).
     S_kept = torch.where(torch.arange(k, device=S.device) < keep[:, None], S, 0.0)
     r = split_rank(S_kept, alpha)
     if B == 0 or k == 0:
         out = T.clone()
-    elif _use_torch(backend):
+    elif not _use_native(backend, T.device, "project"):
         out = _project_torch(T, U, V, r, keep)
     else:
         mod, tail = _kernels(T.device)
@@ -650,7 +576,8 @@ def project(
         P = torch.bmm(torch.bmm(U.mT, T), V) if m >= n else torch.bmm(U.mT, torch.bmm(T, V))
         P = P.contiguous()
         r_c, keep_c = r.contiguous(), keep.contiguous()
-        _call("project", T.device, mod.mask_projection, P.data_ptr(), r_c.data_ptr(), keep_c.data_ptr(), B, k, P.data_ptr(), *tail)
+        _call("project", T.device, mod.mask_projection, P.data_ptr(), r_c.data_ptr(), keep_c.data_ptr(), B, k,
+              P.data_ptr(), *tail)
         # T' = T - (U Q) V^T or T - U (Q V^T), whichever inner product is cheaper; one fused GEMM.
         if m <= n:
             out = torch.baddbmm(T, torch.bmm(U, P), V.mT, beta=1.0, alpha=-1.0)

@@ -3,8 +3,8 @@
 - Element-wise ops (deltas, sigma_update, finalize, sumsq) run the compiled kernels and
   the ``backend="torch"`` twins on the same inputs; fp32 results must agree to the ulp
   budget of ``ULP_TOL`` (0 on the CPU: same IEEE operations), float64 sums to ``SUM_RTOL``.
-- ``project`` is compared with a plain full-SVD implementation of ../shared/SPEC.md
-  written below (U m x m, V n x n, float64) on random full-rank inputs.
+- ``project`` is compared with a plain full-SVD implementation of the OPCM step as the
+  algorithm states it (U m x m, V n x n, float64), written below, on random full-rank inputs.
 - The SVD is checked through invariants (orthonormal columns of the kept triplets,
   reconstruction, singular values vs torch in float64), never through the signs of
   vectors, including spectra with singular values closer than eps32.
@@ -105,28 +105,19 @@ def test_deltas_mixed_dtypes(device, dtypes):
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
-def test_deltas_without_merged_leaves_m_sum_untouched(device, backend):
+def test_deltas_without_merged(device, backend):
     base, new = _rand(100, torch.float16, device, gen_seed=1), _rand(100, torch.float16, device, gen_seed=2)
-    acc = torch.tensor([5.0, 1.0], dtype=torch.float64, device=device)
-    M, T, sm, st = ops.deltas(base, None, new, accum=acc, backend=backend)
+    M, T, sm, st = ops.deltas(base, None, new, backend=backend)
     assert M is None and sm is None
-    assert float(acc[0]) == 5.0
-    assert_sum_close(st, 1.0 + (new.float() - base.float()).double().square().sum())
-    assert st.data_ptr() == acc[1].data_ptr()  # the caller's accumulator, no copy
+    assert torch.equal(T, new.float() - base.float())
+    assert_sum_close(st, (new.float() - base.float()).double().square().sum())
 
 
-def test_deltas_accumulates_over_calls(device):
-    acc_m = torch.zeros((), dtype=torch.float64, device=device)
-    acc_t = torch.zeros((), dtype=torch.float64, device=device)  # not adjacent: added via a temporary
-    want_m = want_t = 0.0
-    for seed in range(3):
-        b, m, t = (_rand(5000 + seed, torch.bfloat16, device, gen_seed=10 * seed + i) for i in range(3))
-        out = ops.deltas(b, m, t, accum=(acc_m, acc_t))
-        assert out[2] is acc_m and out[3] is acc_t
-        want_m += float((m.float() - b.float()).double().square().sum())
-        want_t += float((t.float() - b.float()).double().square().sum())
-    assert float(acc_m) == pytest.approx(want_m, rel=SUM_RTOL)
-    assert float(acc_t) == pytest.approx(want_t, rel=SUM_RTOL)
+def test_sums_are_fresh_on_every_call(device):
+    b, m, t = (_rand(5000, torch.bfloat16, device, gen_seed=i) for i in range(3))
+    first, second = ops.deltas(b, m, t), ops.deltas(b, m, t)
+    assert float(first[3]) == float(second[3]) == pytest.approx(
+        float((t.float() - b.float()).double().square().sum()), rel=SUM_RTOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -176,14 +167,23 @@ def test_sigma_update_matches_torch(device, n):
     assert_sum_close(ss, ss2)
 
 
-def test_sigma_update_in_place_and_accumulate(device):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_sigma_update_in_place(device, backend):
     M, Tp = _rand(4099, torch.float32, device, gen_seed=1), _rand(4099, torch.float32, device, gen_seed=2)
     want = M * 0.75 + Tp
-    acc = torch.full((), 2.0, dtype=torch.float64, device=device)
-    S, ss = ops.sigma_update(M, Tp, 0.75, out=M, accum=acc)
-    assert S.data_ptr() == M.data_ptr() and ss is acc
+    S, ss = ops.sigma_update(M, Tp, 0.75, out=M, backend=backend)
+    assert S.data_ptr() == M.data_ptr()
     assert torch.equal(M, want)
-    assert float(acc) == pytest.approx(2.0 + float(want.double().square().sum()), rel=SUM_RTOL)
+    assert float(ss) == pytest.approx(float(want.double().square().sum()), rel=SUM_RTOL)
+
+
+def test_finalize_into_out(device):
+    base, sigma = _rand(777, torch.bfloat16, device, gen_seed=1), _rand(777, torch.float32, device, gen_seed=2)
+    out = torch.empty(777, dtype=torch.float16, device=device)
+    assert ops.finalize(base, sigma, 1.5, torch.float16, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, ops.finalize(base, sigma, 1.5, torch.float16, backend="torch"))
+    with pytest.raises(ValueError, match="out"):
+        ops.finalize(base, sigma, 1.5, torch.float32, out)
 
 
 # ----------------------------------------------------------------------------- finalize
@@ -284,11 +284,10 @@ def test_ops_argument_errors():
         ops.sumsq(torch.zeros(3), backend="numpy")
 
 
-def test_backend_from_environment(monkeypatch):
+def test_torch_backend_never_touches_the_kernels(monkeypatch):
     monkeypatch.setattr(ops, "_native", None)  # any native call would fail
-    monkeypatch.setenv("OPCM_BACKEND", "torch")
-    assert float(ops.sumsq(torch.ones(5))) == 5.0
-    M, T, _, st = ops.deltas(torch.zeros(4), torch.ones(4), torch.ones(4))
+    assert float(ops.sumsq(torch.ones(5), backend="torch")) == 5.0
+    M, T, _, st = ops.deltas(torch.zeros(4), torch.ones(4), torch.ones(4), backend="torch")
     assert torch.equal(T, torch.ones(4)) and float(st) == 4.0
 
 
@@ -296,7 +295,7 @@ def test_missing_kernel_raises_backend_error_with_fix(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_C_error", "ImportError: test")
     with pytest.raises(BackendError, match="pip install"):
-        ops.sumsq(torch.ones(3))
+        ops.sumsq(torch.ones(3), backend="native")
     monkeypatch.setattr(_native, "_cuda_tried", True)
     monkeypatch.setattr(_native, "_cuda", None)
     monkeypatch.setattr(_native, "_cuda_error", "not built")
@@ -430,17 +429,39 @@ def split_rank_plain(s: list[float], alpha: float) -> int:
     return 0
 
 
-def test_split_rank():
-    S = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+def test_split_rank(device):
+    S = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], device=device)
     assert ops.split_rank(S, 0.5).tolist() == [1, 0, 0, 1]
     assert ops.split_rank(S[0], 0.5).item() == 1
-    assert ops.split_rank(torch.tensor([[1.0, 1.0]]), 1.0).tolist() == [0]
     g = torch.Generator().manual_seed(3)
-    S = torch.rand(50, 12, generator=g).sort(dim=-1, descending=True).values ** 3
-    for alpha in (0.1, 0.5, 0.9):
+    S = (torch.rand(50, 12, generator=g).sort(dim=-1, descending=True).values ** 3).to(device)
+    for alpha in (0.1, 0.5, 0.9, 1.0):
         r = ops.split_rank(S, alpha)
-        assert r.dtype == torch.int64
-        assert r.tolist() == [split_rank_plain(row.tolist(), alpha) for row in S.double()]
+        assert r.dtype == torch.int64 and r.device == S.device
+        assert r.tolist() == [split_rank_plain(row.tolist(), alpha) for row in S.double().cpu()]
+
+
+@pytest.mark.parametrize("S, alpha, want", [
+    ([1.0, 1.0], 0.5, 1),  # share 0.5 is not > 0.5: the boundary index is not the split
+    ([1.0, 1.0, 1.0, 1.0], 0.5, 2),
+    ([1.0, 1.0, 1.0, 1.0], 0.75, 3),
+    ([1.0, 1.0], 1.0, 0),  # alpha = 1: the last share is exactly 1, never above
+    ([0.9, 0.05, 0.03, 0.02], 1.0, 0),  # float32 cumsum / sum ends at 1.0000001 here
+    ([5.0, 0.0, 0.0], 1.0, 0),
+], ids=["1-1-a0.5", "4x1-a0.5", "4x1-a0.75", "1-1-a1", "uneven-a1", "rank1-a1"])
+def test_split_rank_boundaries(device, S, alpha, want):
+    S32 = torch.tensor(S, dtype=torch.float32, device=device)
+    assert ops.split_rank(S32, alpha).item() == want == split_rank_plain(S32.double().tolist(), alpha)
+
+
+def test_split_rank_is_float64():
+    """S = [1, s] with s below float32's resolution at 1: in float32 1 + s == 1, so the first share
+    would be 1 > alpha (r = 0); in float64 it is exactly alpha = 1 / (1 + s), not above it (r = 1)."""
+    S = torch.tensor([1.0, 1e-8], dtype=torch.float32)
+    s = float(S[1])
+    alpha = 1.0 / (1.0 + s)
+    assert split_rank_plain(S.double().tolist(), alpha) == 1
+    assert ops.split_rank(S, alpha).item() == 1
 
 
 def test_keep_count():
@@ -449,7 +470,7 @@ def test_keep_count():
 
 
 def project_full_svd_spec(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
-    """../shared/SPEC.md, 'OPCM step', literally: full SVD, P = U^T T V, zero diag and P[:r,:r]."""
+    """The OPCM step's projection literally: full SVD, P = U^T T V, zero diag and P[:r,:r]."""
     M, T = M.double(), T.double()
     m, n = M.shape
     U, S, Vh = torch.linalg.svd(M, full_matrices=True)  # U m x m, V n x n
