@@ -18,7 +18,7 @@ import torch
 
 from . import io, ops
 from .engine import DeviceStore, StepJob, non_finite_error, run_step
-from .errors import ConfigError, IncompatibleCheckpointError, MergeStateError, OutputError
+from .errors import ConfigError, DuplicateModelError, IncompatibleCheckpointError, MergeStateError, OutputError
 from .methods import Method, StepInfo, get_method
 from .plan import Kind, classify, make_plan, parse_size, validate_inputs
 from .state import MergeState
@@ -155,7 +155,7 @@ def _check_identity(prev: MergeState | None, readers: dict[str, Any], paths: dic
         return
     for i, m in enumerate(prev.models, start=1):
         if _matches(m["hash"], readers["new"], hashes["new"]):
-            raise MergeStateError(
+            raise DuplicateModelError(
                 f"{paths['new']} was already merged at step {i} (as {m.get('name')!r}, same content hash); "
                 "merging it twice counts it twice. Pass --allow-duplicate (allow_duplicate=True) if you mean it."
             )

@@ -10,6 +10,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "NonFiniteError",
     "MergeStateError",
+    "DuplicateModelError",
     "OutputError",
     "BackendError",
 ]
@@ -41,6 +42,10 @@ class NonFiniteError(InputError):
 
 class MergeStateError(InputError):
     """The merge state in a checkpoint is missing, inconsistent, or forbids this step."""
+
+
+class DuplicateModelError(MergeStateError):
+    """The new model is already in the merge (same content hash); merging it twice counts it twice."""
 
 
 class OutputError(InputError):

@@ -36,6 +36,7 @@ from typing import Any, Callable, TextIO
 from .errors import (
     CheckpointError,
     ConfigError,
+    DuplicateModelError,
     IncompatibleCheckpointError,
     InputError,
     MergeStateError,
@@ -174,12 +175,9 @@ def input_at_fault(exc: InputError) -> bool:
     """Whether merge_stream refused the new input itself (reject it) rather than BASE, MERGED or the setup (stop).
 
     BASE and MERGED were opened before watching and MERGED is written only by merge_stream, so an
-    unreadable, incompatible or non-finite checkpoint is the input. The duplicate refusal is
-    recognised by its message until it has its own error type.
+    unreadable, incompatible, non-finite or already merged checkpoint is the input.
     """
-    if isinstance(exc, (CheckpointError, IncompatibleCheckpointError, NonFiniteError)):
-        return True
-    return isinstance(exc, MergeStateError) and "already merged" in str(exc)
+    return isinstance(exc, (CheckpointError, IncompatibleCheckpointError, NonFiniteError, DuplicateModelError))
 
 
 class _Ledger:

@@ -30,7 +30,7 @@ from helpers import (
 TOL = 1e-5
 REFS = {
     "task_arithmetic": lambda: opcm_ref.TaskArithmeticRef(lam=0.3),
-    "ties": lambda: opcm_ref.TiesRef(lam=0.5, keep=0.2),
+    "ties": lambda: opcm_ref.TiesRef(lam=0.3, keep=0.2),
     "average": lambda: opcm_ref.AverageRef(),
 }
 
@@ -59,7 +59,7 @@ def test_api_matches_reference(family, tmp_path, method):
     assert_close_dicts(load_folder(tmp_path / "m"), _reference(method, paths), TOL)
     state = opcm_ext.read_state(tmp_path / "m")
     assert state.method == method and state.step == 8
-    assert state.params == {"task_arithmetic": {"lam": 0.3}, "ties": {"lam": 0.5, "keep": 0.2}, "average": {}}[method]
+    assert state.params == {"task_arithmetic": {"lam": 0.3}, "ties": {"lam": 0.3, "keep": 0.2}, "average": {}}[method]
 
 
 @pytest.mark.parametrize("method", sorted(REFS))
@@ -69,7 +69,7 @@ def test_cli_matches_reference(family, tmp_path, method):
     assert_close_dicts(load_folder(tmp_path / "m"), _reference(method, paths), TOL)
     info = run_cli("info", tmp_path / "m").stdout
     assert f"method: {method}" in info
-    params = {"task_arithmetic": {"lam": 0.3}, "ties": {"lam": 0.5, "keep": 0.2}, "average": {}}[method]
+    params = {"task_arithmetic": {"lam": 0.3}, "ties": {"lam": 0.3, "keep": 0.2}, "average": {}}[method]
     for name, value in params.items():
         assert re.search(rf"\b{name}\b\W+{value}", info), info
     state = json.loads(run_cli("info", tmp_path / "m", "--json").stdout)["state"]
@@ -102,7 +102,7 @@ def test_ties_threshold_is_kthvalue_exactly_with_ties(tmp_path):
     assert rep.details["thresholds"] == want
     ties_at = [int((r.abs() == w).sum()) for r, w in zip(rows, want)]
     assert min(ties_at) > 1  # the test really exercises ties at the threshold
-    ref = opcm_ref.TiesRef(lam=0.5, keep=0.2)
+    ref = opcm_ref.TiesRef(lam=0.3, keep=0.2)
     for p in paths:
         expect = ref.step(b, load_folder(p))
     assert_close_dicts(load_folder(tmp_path / "m"), expect, TOL)
