@@ -318,7 +318,10 @@ def run_step(job: StepJob) -> StepResult:
     passes = method.passes()
     carried = job.classification.keys_of(Kind.CARRIED)
     timings: dict[str, float] = {}
-    store = job.make_store(max(0, job.plan.budget - job.plan.peak)) if any(p.keep for p in passes) else None
+    # An executor whose workers are other processes (Ray) needs the kept tensors wholly in a file they share.
+    shared = getattr(executor, "needs_shared_files", False)
+    allowance = 0 if shared else max(0, job.plan.budget - job.plan.peak)
+    store = job.make_store(allowance) if any(p.keep for p in passes) else None
     worker = Worker(method, job.sources, job.like, job.ops, job.plan, store=store)
     state: MergeState | None = None
     total_start = time.perf_counter()
