@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
 
     import opcm_ext
     import opcm_ext.ops  # noqa: F401  (load the native module before the baseline is taken)
-    from opcm_ext.engine import _peak_rss, _reset_peak_rss, _rss
+    from opcm_ext.memory import peak_rss as _peak_rss, reset_peak_rss as _reset_peak_rss, rss as _rss
 
     if a.mode == "reference":
         sys.path.insert(0, str(REPO / "python"))

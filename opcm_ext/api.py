@@ -18,6 +18,7 @@ import torch
 
 from . import io, ops
 from .engine import DeviceStore, StepJob, non_finite_error, run_step
+from .memory import RssSampler
 from .errors import ConfigError, DuplicateModelError, IncompatibleCheckpointError, MergeStateError, OutputError
 from .methods import Method, StepInfo, get_method
 from .plan import Kind, classify, make_plan, parse_size, validate_inputs
@@ -246,6 +247,7 @@ def merge_stream(
 
     paths = {r: str(p) for r, p in (("base", base_p), ("merged", merged_p), ("new", new_p)) if p is not None}
     readers: dict[str, Any] = {}
+    rss = RssSampler().start()  # the whole step: hashing, classification, planning, the passes, the commit
     try:
         for role in ("base", "merged", "new"):
             if role in paths:
@@ -307,6 +309,7 @@ def merge_stream(
             result = run_step(job)
             tx.commit()  # config/tokenizer files were copied by OutputTransaction(like_folder=...)
     finally:
+        rss.stop()
         for r in readers.values():
             r.close()
 
@@ -314,7 +317,7 @@ def merge_stream(
     return MergeReport(
         step=st.step, method=st.method, params=dict(st.params), lam=st.lam if st.method == "opcm" else None,
         norms=list(st.norms), mean_norm=st.mean_norm, output=out_p, device=str(sel.device),
-        memory_budget_bytes=budget, peak_rss_bytes=result.peak_rss_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
+        memory_budget_bytes=budget, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
         timings=result.timings, tensors=classification.counts(), classification=classification.source,
         groups=result.groups, streamed=result.streamed, backend="native" if sel.native else "torch", warnings=result.warnings,
         details=result.details,

@@ -23,7 +23,7 @@ import torch
 
 from . import _faults
 from .errors import NonFiniteError
-from .memory import RssSampler, tune_malloc
+from .memory import tune_malloc
 from .methods.base import Batch, BlockSource, Method, Pass, ScanSums, StepInfo, Sums
 from .plan import Classification, Group, Kind, Plan, Streamed
 from .state import MergeState
@@ -112,8 +112,6 @@ class StepResult:
 
     state: MergeState
     timings: dict[str, float]
-    peak_rss_bytes: int
-    baseline_rss_bytes: int
     groups: int
     streamed: int
     warnings: list[str]
@@ -325,7 +323,7 @@ def run_step(job: StepJob) -> StepResult:
     worker = Worker(method, job.sources, job.like, job.ops, job.plan, store=store)
     state: MergeState | None = None
     total_start = time.perf_counter()
-    with tune_malloc(), RssSampler() as rss:
+    with tune_malloc():
         try:
             for i, p in enumerate(passes):
                 t_pass = time.perf_counter()
@@ -352,8 +350,7 @@ def run_step(job: StepJob) -> StepResult:
     timings["total"] = time.perf_counter() - total_start
     assert state is not None, "a method's passes must include one output pass"
     details = {k: v for k, v in method.details().items() if _jsonable(v)}
-    return StepResult(state=state, timings=timings, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
-                      groups=len(job.plan.groups), streamed=len(job.plan.streamed), warnings=list(info.warnings),
+    return StepResult(state=state, timings=timings, groups=len(job.plan.groups), streamed=len(job.plan.streamed), warnings=list(info.warnings),
                       details=details)
 
 

@@ -64,8 +64,8 @@ def peak_rss() -> int | None:
 
 
 class RssSampler:
-    """The peak resident set size of a step: the kernel's VmHWM, reset when the step starts
-    (Linux), and samples every few milliseconds where that is not available."""
+    """The peak resident set size since this object was made: the kernel's VmHWM, reset at
+    creation (Linux), and samples every few milliseconds where that is not available."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
@@ -81,11 +81,19 @@ class RssSampler:
             self.peak = max(self.peak, rss())
 
     def __enter__(self) -> "RssSampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "RssSampler":
+        """Start sampling (only where the kernel does not track the peak)."""
         if self._thread is not None:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Stop and record the peak."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

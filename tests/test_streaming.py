@@ -147,3 +147,48 @@ def test_a_budget_below_the_floor_names_the_minimum(family, tmp_path):
     assert m, str(info.value)
     need = int(m.group(1)) * (1024 if m.group(2) == "KiB" else 1 << 20)
     opcm_ext.merge_sequence(paths[0], paths[1:3], tmp_path / "ok", memory_budget=need, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory floor, from the planner alone (shapes only: no checkpoint is built)
+# ----------------------------------------------------------------------------------------------
+
+
+def _plan_for(config, cls_name: str, dtype: torch.dtype, budget: str):
+    """make_plan for an architecture's real shapes (built on the meta device) and an OPCM step t = 2."""
+    import transformers
+
+    from opcm_ext.methods import OPCM, StepInfo
+    from opcm_ext.plan import classify, make_plan, parse_size
+    from opcm_ext.state import MergeState
+
+    with torch.device("meta"):
+        model = getattr(transformers, cls_name)(config)
+    sd = model.state_dict()
+    tensors = {k: (dtype if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in sd.items()}
+    proj = {k for k in projected_keys(model) if k in sd}
+    cls = classify(tensors, None, projected=[f"^{re.escape(k)}$" for k in sorted(proj)])
+    infos = {k: (s, 3 * d.itemsize) for k, (d, s) in tensors.items()}
+    m = OPCM()
+    prev = MergeState(method="opcm", params={"alpha": 0.5}, step=1, lam=1.0, norms=[1.0], base={"hash": "x"},
+                      models=[{"hash": "y"}])
+    m.begin(StepInfo(step=2, prev=prev))
+    return make_plan(cls, infos, parse_size(budget), m)
+
+
+def test_vit_b32_fits_64_mib():
+    from helpers import vit_b32_config
+
+    plan = _plan_for(vit_b32_config(), "CLIPVisionModel", torch.float32, "64MiB")
+    assert plan.streamed and plan.peak <= 64 << 20
+    with pytest.raises(ConfigError, match=r"use --memory-budget \d+(KiB|MiB) or more"):
+        _plan_for(vit_b32_config(), "CLIPVisionModel", torch.float32, "24MiB")
+
+
+def test_tinyllama_shapes_fit_512_mib():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    plan = _plan_for(cfg, "LlamaForCausalLM", torch.bfloat16, "512MiB")
+    assert "lm_head.weight" in plan.streamed and plan.peak <= 512 << 20
