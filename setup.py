@@ -37,6 +37,8 @@ class CMakeBuild(build_ext):
         if ext is not self.extensions[0]:
             return  # the first extension's build made them all
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        # A CUDA module left in the build tree by an earlier build must not outlive a build without it.
+        (extdir / Path(self.get_ext_filename("opcm_ext._cuda")).name).unlink(missing_ok=True)
         build_temp = Path(self.build_temp) / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
         cmake_args = [
@@ -52,7 +54,9 @@ class CMakeBuild(build_ext):
         build_args = []
         if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ and self.parallel:
             build_args.append(f"-j{self.parallel}")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *cmake_args], check=True)
+        # --fresh: pip builds in the source tree, where an earlier build's cache may name the
+        # tools of a build environment that no longer exists.
+        subprocess.run(["cmake", "--fresh", "-S", str(ROOT), "-B", str(build_temp), *cmake_args], check=True)
         subprocess.run(["cmake", "--build", str(build_temp), *build_args], check=True)
 
 
