@@ -250,3 +250,10 @@ def test_doctor_formats_the_cuda_libraries(fresh):
     assert "cusolver 11.6.5: /sp/nvidia/cusolver/lib/libcusolver.so.11; syevBatched no (cuSOLVER < 11.7.2" in text
     assert "opcm_ext._cuda: loaded from /sp/opcm_ext/_cuda.so, built for CUDA 12" in text
     assert "backend on cuda: native kernels (self-test passed)" in text
+
+
+def test_device_svd_workspace_bytes():
+    assert ops.device_svd_workspace_bytes(768, 3072, 0) == 0
+    one, twelve = ops.device_svd_workspace_bytes(768, 3072, 1), ops.device_svd_workspace_bytes(768, 3072, 12)
+    assert twelve > one > 2 * 8 * 768 * 3072  # at least the fp64 copy of A and Y = P W
+    assert twelve - one >= 11 * 2 * 8 * 768 * 3072
