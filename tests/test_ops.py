@@ -603,6 +603,7 @@ def test_project_accurate_for_hard_spectra(device, shape, kind):
     assert float((Tp.double() - want).norm() / want.norm()) < PROJ_RTOL
 
 
+@pytest.mark.slow
 def test_vit_b32_sized_projection():
     """One 768x3072 weight (the wide orientation the CPU SVD transposes)."""
     g = torch.Generator().manual_seed(2)
