@@ -57,9 +57,9 @@ _CPU_FIX = (
 )
 
 
-def _cuda_fix(family: int | None) -> str:
-    cuda = f"CUDA {family}" if family else "the CUDA version of your torch"
-    return (f"reinstall on a machine with nvcc for {cuda} and its libraries: `OPCM_WITH_CUDA=ON pip install "
+def _rebuild_fix(family: int | None) -> str:
+    cuda = f"CUDA {family}" if family else "torch's CUDA version"
+    return (f"fix: reinstall on a machine with nvcc for {cuda}: `OPCM_WITH_CUDA=ON pip install "
             f"--no-build-isolation .` (`pip install {_WHEELS.get(family or 13, _WHEELS[13])}` provides "
             "cuSOLVER/cuBLAS), or merge with device='cpu' or backend='torch'")
 
@@ -181,24 +181,24 @@ def _try_cuda() -> tuple[ModuleType | None, str | None]:
     global _cuda_family, _preloaded
     spec = importlib.util.find_spec(f"{__package__}._cuda")
     if spec is None or spec.origin is None:
-        return None, "opcm_ext._cuda was not built (no CUDA toolkit at install time, or OPCM_WITH_CUDA=OFF)"
+        return None, ("opcm_ext._cuda was not built (no CUDA toolkit at install time, or OPCM_WITH_CUDA=OFF); "
+                      + _rebuild_fix(None))
     import torch  # its CUDA libraries load first
 
     _cuda_family = family = cuda_family(torch.version.cuda)
     if family is None:
-        return None, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+        return None, (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); fix: install "
+                      "a CUDA build of torch to use a GPU, or merge with device='cpu'")
     built = module_cuda_family(spec.origin)
     if built is not None and built != family:
         return None, (f"opcm_ext._cuda was built for CUDA {built} but torch {torch.__version__} uses CUDA "
-                      f"{torch.version.cuda}")
+                      f"{torch.version.cuda}; " + _rebuild_fix(family))
     try:
         _preloaded = preload(family)
     except BackendError as e:
-        return None, str(e)
+        return None, str(e).rstrip(".")
     mod, err = _load("_cuda")
-    if err and "cusolverDnXsyevBatched" in err:
-        err += " (cuSOLVER older than the headers it was built with; upgrade the cuSOLVER wheel)"
-    return mod, err
+    return mod, (err and f"{err}; {_rebuild_fix(family)}")
 
 
 def available() -> dict[str, Any]:
@@ -234,6 +234,5 @@ def cpu() -> ModuleType:
 def cuda() -> ModuleType:
     """The CUDA kernel module; BackendError with the cause and the fix when it cannot be loaded."""
     if _load_cuda() is None:
-        raise BackendError(f"the CUDA kernels (opcm_ext._cuda) are not available ({_cuda_error}); "
-                           f"fix: {_cuda_fix(_cuda_family)}.")
+        raise BackendError(f"the CUDA kernels (opcm_ext._cuda) are not available: {_cuda_error}.")
     return _cuda  # type: ignore[return-value]

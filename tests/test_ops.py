@@ -296,10 +296,11 @@ def test_missing_kernel_raises_backend_error_with_fix(monkeypatch):
     monkeypatch.setattr(_native, "_C_error", "ImportError: test")
     with pytest.raises(BackendError, match="pip install"):
         ops.sumsq(torch.ones(3), backend="native")
-    monkeypatch.setattr(_native, "_cuda_tried", True)
-    monkeypatch.setattr(_native, "_cuda", None)
-    monkeypatch.setattr(_native, "_cuda_error", "not built")
-    with pytest.raises(BackendError, match="OPCM_WITH_CUDA=ON"):
+    monkeypatch.setattr(_native, "_cuda_tried", False)  # load again, as if _cuda had not been built
+    for name in ("_cuda", "_cuda_error", "_cuda_family"):
+        monkeypatch.setattr(_native, name, None)  # restored afterwards
+    monkeypatch.setattr(_native.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackendError, match="not built.*fix: .*OPCM_WITH_CUDA=ON"):
         _native.cuda()
     info = _native.available()
     assert info["cpu"] is False and info["cuda"] is False and info["cpu_error"] == "ImportError: test"
