@@ -35,6 +35,10 @@ def _merge_options(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     g.add_argument("--alpha", type=float, default=None, help="OPCM split-rank threshold in (0, 1] (default 0.5)")
     g.add_argument("--lam", type=float, default=None, help="scaling λ of task_arithmetic and ties (default 0.3, the paper's value for 8 tasks; it uses 0.1 for 14 and 20)")
     g.add_argument("--keep", type=float, default=None, help="ties: fraction of entries kept per row (0.2)")
+    g.add_argument("--compat", default=None, choices=["paper", "fusionbench", "release"],
+                   help="opcm: paper (default: the paper's math), fusionbench (as FusionBench's OPCM: parameters "
+                        "owned by non-leaf modules are not merged) or release (also keeps P's diagonal, as the "
+                        "code behind the paper's Table 1)")
     g.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
                    help="bound on the working set, e.g. 512MB, 2GiB (default 1GiB)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
@@ -66,7 +70,7 @@ def _options(a: argparse.Namespace) -> dict:
         progress=not a.no_progress, allow_duplicate=a.allow_duplicate, allow_param_change=a.allow_param_change,
         projected=a.project, averaged=a.average,
     )
-    for name in ("alpha", "lam", "keep"):
+    for name in ("alpha", "lam", "keep", "compat"):
         v = getattr(a, name)
         if v is not None:
             opts[name] = v

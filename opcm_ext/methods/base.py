@@ -214,6 +214,7 @@ class StepInfo:
     prev: MergeState | None
     tau_norm: float = math.nan  # ‖τt‖, set by the engine after the first pass
     m_norm: float = math.nan  # ‖θ(t−1) − θ0‖ (0 at t = 1)
+    nonleaf: frozenset[str] = frozenset()  # floating tensors owned directly by a module with children
     warnings: list[str] = field(default_factory=list)
 
     @property

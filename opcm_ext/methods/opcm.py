@@ -44,6 +44,10 @@ class OPCM(Method):
     params = {
         "alpha": Param(0.5, 0.0, 1.0, low_open=True, high_open=False,
                        help="split-rank threshold on the cumulative singular-value share"),
+        "compat": Choice("paper", ("paper", "fusionbench", "release"),
+                         help="paper: the paper's math; fusionbench: as FusionBench's OPCM (parameters owned "
+                              "by non-leaf modules are never merged, only rescaled); release: also keep P's "
+                              "diagonal, as the code behind the paper's Table 1"),
     }
     copies_first = True
 
@@ -81,6 +85,11 @@ class OPCM(Method):
         k = min(shape)
         return STREAM_FIXED_K2 * k * k + rows * stream_row_bytes(k, itemsize_sum)
 
+    @property
+    def _unmerged(self) -> frozenset[str]:
+        """Tensors FusionBench never merges (owned directly by a non-leaf module): Σ keeps M itself."""
+        return self.info.nonleaf if self.values["compat"] != "paper" else frozenset()
+
     # -- pass "sigma": Σ = λ(t−1)·M + T' -------------------------------------------
     def _sigma(self, batch: Batch, sums: SigmaSums) -> list[torch.Tensor]:
         ops, lam_prev = batch.ops, self.step_state.lam_prev
@@ -94,20 +103,25 @@ class OPCM(Method):
             with sums.timed("svd"):
                 U, S, V = ops.thin_svd(Mb)
             with sums.timed("project"):
-                Tp = ops.project(Tb, U, S, V, self.values["alpha"])
+                Tp = ops.project(Tb, U, S, V, self.values["alpha"], zero_diagonal=self.values["compat"] != "release")
             del U, S, V, Tb
             sig, ss = ops.sigma_update(Mb, Tp, lam_prev, out=Mb)
             sums.sigma_sq = sums.sigma_sq + ss
             return list(sig.unbind(0))
         out = []
-        for M, T in zip(ms, ts):
-            sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
+        unmerged = self._unmerged
+        for key, M, T in zip(batch.keys, ms, ts):
+            if key in unmerged:  # Σ = M: not scaled by λ(t−1), no τt (FusionBench's leaf-module merge)
+                sig, ss = M, ops.sumsq(M)
+            else:
+                sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
             sums.sigma_sq = sums.sigma_sq + ss
             out.append(sig)
         return out
 
     def _sigma_streamed(self, src: BlockSource, sums: SigmaSums) -> None:
-        project_streamed(src, src.ops, self.values["alpha"], self.step_state.lam_prev, sums)
+        project_streamed(src, src.ops, self.values["alpha"], self.step_state.lam_prev, sums,
+                         zero_diagonal=self.values["compat"] != "release")
 
     def _lam(self, sums: SigmaSums) -> None:
         info = self.info

@@ -36,8 +36,11 @@ def stream_row_bytes(k: int, itemsize_sum: int) -> int:
     return k * (itemsize_sum + 4 * 4 + 3 * 8)
 
 
-def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums) -> None:
-    """Σ = lam_prev · M + T' of one matrix, block by block, into ``src.keep``; adds ‖Σ‖² to ``sums.sigma_sq``."""
+def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums, *, zero_diagonal: bool = True) -> None:
+    """Σ = lam_prev · M + T' of one matrix, block by block, into ``src.keep``; adds ‖Σ‖² to ``sums.sigma_sq``.
+
+    ``zero_diagonal=False`` keeps P's diagonal (only the top-left r x r block is removed).
+    """
     m, n = src.shape
     L, k = max(m, n), min(m, n)
     dev = None
@@ -69,7 +72,7 @@ def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums)
         inv = torch.where(torch.arange(k, device=S.device) < keep, 1.0 / torch.where(S > 0, S, 1.0), 0.0)
         Q = torch.zeros_like(Pt)
         Q[:r, :r] = Pt[:r, :r]
-        idx = torch.arange(r, keep, device=Pt.device)
+        idx = torch.arange(r, keep if zero_diagonal else r, device=Pt.device)
         Q[idx, idx] = Pt[idx, idx]
         Q.mul_(inv[:, None])  # P = diag(1/S) P̃, masked
         R = (W * inv[None, :]) @ Q @ W.mT  # T' = T − U Q Vᵀ = T − X W diag(1/S) Q Wᵀ
