@@ -3,11 +3,12 @@
 The driver (the process that called ``merge_stream``) keeps everything that makes a step a step:
 the plan, the output transaction, the reduction of the pass's sums and the commit. Each Ray task
 rebuilds a :class:`~opcm_ext.engine.Worker` in its own process from a picklable :class:`TaskSpec`
-(checkpoint paths, the device and backend, the plan, the method with its current per-step state,
-where the output tensors go, the scratch file of kept tensors), processes a run of consecutive
-units, writes its output tensors at their fixed offsets with ``io.write_into`` and keeps Σ in the
-scratch file. Both writes land at fixed places, so a task that Ray retries after its worker died
-writes the same bytes again; the driver marks a tensor written only once a task reports it.
+(the readers, which reopen their checkpoints by path; the device and backend; the plan; the method
+with its current per-step state; where the output tensors go; the scratch file of kept tensors),
+processes a run of consecutive units, writes its output tensors at their fixed offsets with
+``io.write_into`` and keeps Σ in the scratch file. Both writes land at fixed places, so a task that
+Ray retries after its worker died writes the same bytes again; the driver marks a tensor written
+only once a task reports it. The driver copies the carried (integer) tensors itself, as locally.
 
 Byte identity with the local executor: the local executor adds every contribution into one
 running sum, in unit order. A task cannot know that running sum, so every floating field of its
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
@@ -122,7 +124,7 @@ class TaskSpec:
     """Everything a task needs to rebuild the step's worker in another process (picklable)."""
 
     token: str  # one per pass: workers reopen the checkpoints once per pass
-    paths: dict[str, str]  # role ("base", "merged", "new", "like") -> checkpoint path
+    readers: bytes  # pickled {role ("base", "merged", "new", "like"): reader}; readers reopen by path
     device: str  # "cpu" or "cuda" (the GPU Ray assigned to the task)
     native: bool  # the driver's backend choice, so that every node computes the same bytes
     method: Method  # with its per-step state as of this pass
@@ -184,7 +186,6 @@ def _worker_for(spec: TaskSpec) -> Any:
     _drop_cached()
     from .. import ops
     from ..engine import Worker
-    from ..io import CheckpointReader
 
     if spec.versions != _versions():
         raise ConfigError(
@@ -192,21 +193,16 @@ def _worker_for(spec: TaskSpec) -> Any:
             f"driver opcm-ext {spec.versions[0]} with torch {spec.versions[1]}; install the same versions on "
             "every node (the output must not depend on which node computed it)."
         )
-    opened: dict[str, Any] = {}  # path -> reader: a role and the like-checkpoint share one
     try:
-        for path in spec.paths.values():
-            if path not in opened:
-                opened[path] = CheckpointReader(path)
+        readers = pickle.loads(spec.readers)  # each reader reopens its files by path (a role and "like" share one)
     except OpcmError as e:
-        for r in opened.values():
-            r.close()
         raise type(e)(f"on Ray node {socket.gethostname()}: {e} (--executor ray needs the checkpoints and the "
                       "output folder on a filesystem every node sees at the same path)") from None
-    readers = {role: opened[path] for role, path in spec.paths.items()}
+    opened = list({id(r): r for r in readers.values()}.values())
     like = readers.pop("like")
     sel = ops.select(spec.device, "native" if spec.native else "torch")
     worker = Worker(spec.method, readers, like, sel, spec.plan)
-    _cached.update(token=spec.token, worker=worker, readers=list(opened.values()), passes=spec.method.passes())
+    _cached.update(token=spec.token, worker=worker, readers=opened, passes=spec.method.passes())
     return worker
 
 
@@ -404,10 +400,9 @@ class RayExecutor:
                 )
             part = file_part()
         index = job.method.passes().index(p)  # the task rebuilds the pass from its copy of the method
-        paths = {role: os.path.abspath(r.path) for role, r in job.sources.items()}  # workers run elsewhere
-        paths["like"] = os.path.abspath(job.like.path)
+        readers = pickle.dumps({**job.sources, "like": job.like})  # unpickled once per pass in each worker
         return TaskSpec(
-            token=uuid.uuid4().hex, paths=paths, device=worker.device.type, native=bool(job.ops.native),
+            token=uuid.uuid4().hex, readers=readers, device=worker.device.type, native=bool(job.ops.native),
             method=job.method, plan=job.plan, pass_index=index, reads=runner.reads, scan=runner.scan,
             units=tuple(units), targets=worker.writer.targets() if p.output else None, part=part,
             versions=_versions(), fault=_parse_fault(os.environ.get("OPCM_RAY_FAULT")),
