@@ -2,7 +2,8 @@
 
 The public API is ``merge_stream`` (fold one model into a merged checkpoint),
 ``merge_sequence`` (merge a list), ``read_state`` (the merge state stored in a
-checkpoint) and the report and error types.
+checkpoint), ``Merger`` (the same merge over models held in memory) and the
+report and error types.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "merge_stream",
     "merge_sequence",
     "read_state",
+    "Merger",
     "MergeReport",
     "MergeState",
     "errors",
@@ -25,6 +27,7 @@ _LAZY = {
     "merge_stream": ("api", "merge_stream"),
     "merge_sequence": ("api", "merge_sequence"),
     "read_state": ("api", "read_state"),
+    "Merger": ("merger", "Merger"),
     "MergeReport": ("api", "MergeReport"),
     "MergeState": ("state", "MergeState"),
 }

@@ -3,6 +3,8 @@
 ``merge_stream`` prepares one step and hands it to the engine: it opens and validates every
 input, checks the inputs' identity against the merge state (wrong base, duplicate model) before
 any real work, classifies and plans, opens the output transaction, runs the step and commits.
+``prepare_step`` (method, validation, identity), ``StepSetup.state`` and ``step_report`` are the
+part of that preparation that ``opcm_ext.Merger`` (models in memory) shares.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from typing import Any, Sequence
 import torch
 
 from . import io, ops
-from .engine import DeviceStore, StepJob, non_finite_error, run_step
+from .engine import DeviceStore, StepJob, StepResult, non_finite_error, run_step
 from .memory import RssSampler
-from .errors import ConfigError, DuplicateModelError, IncompatibleCheckpointError, MergeStateError, OutputError
+from .errors import (CheckpointError, ConfigError, DuplicateModelError, IncompatibleCheckpointError, MergeStateError,
+                     OutputError)
 from .methods import Method, StepInfo, get_method
-from .plan import Kind, classify, make_plan, parse_size, validate_inputs
+from .plan import Classification, Kind, classify, make_plan, parse_size, validate_inputs
 from .state import MergeState
 
-__all__ = ["merge_stream", "merge_sequence", "read_state", "MergeReport", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["merge_stream", "merge_sequence", "read_state", "MergeReport", "DEFAULT_MEMORY_BUDGET", "StepSetup",
+           "prepare_step", "resolve_method", "check_identity", "step_report", "kept_shapes", "state_of"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class MergeReport:
     lam: float | None
     norms: list[float]
     mean_norm: float
-    output: Path
+    output: Path | None  # None: the merge is in memory (opcm_ext.Merger)
     device: str
     memory_budget_bytes: int
     peak_rss_bytes: int
@@ -68,7 +72,7 @@ class MergeReport:
     def to_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready."""
         d = asdict(self)
-        d["output"] = str(self.output)
+        d["output"] = str(self.output) if self.output is not None else None
         d["peak_above_baseline_bytes"] = self.peak_above_baseline_bytes
         return d
 
@@ -82,7 +86,7 @@ class MergeReport:
         return (
             f"step {self.step} [{self.method}]{lam} norm={self.norms[-1]:.6g} mean_norm={self.mean_norm:.6g} "
             f"time={self.timings.get('total', 0):.2f}s peak_mem=+{self.peak_above_baseline_bytes / 2**20:.0f}MiB "
-            f"(budget {self.memory_budget_bytes / 2**20:.0f}MiB) -> {self.output}"
+            f"(budget {self.memory_budget_bytes / 2**20:.0f}MiB) -> {self.output or 'memory'}"
         )
 
 
@@ -113,7 +117,7 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
-def _method(prev: MergeState | None, name: str | None, params: dict[str, Any], allow_change: bool,
+def resolve_method(prev: MergeState | None, name: str | None, params: dict[str, Any], allow_change: bool,
             where: Path | None) -> Method:
     """The method and parameters of this step: given ones, else those recorded in the merge state."""
     name = name or (prev.method if prev else "opcm")
@@ -138,7 +142,7 @@ def _method(prev: MergeState | None, name: str | None, params: dict[str, Any], a
     return m
 
 
-def _check_identity(prev: MergeState | None, readers: dict[str, Any], paths: dict[str, str],
+def check_identity(prev: MergeState | None, readers: dict[str, Any], paths: dict[str, str],
                     hashes: dict[str, str], allow_duplicate: bool) -> None:
     """Refuse a wrong base or an already merged model, before any SVD work."""
     if prev is None:
@@ -171,6 +175,66 @@ def _matches(recorded: str, reader: Any, known: str) -> bool:
     if scheme == io.hash_algorithm(known):
         return recorded == known
     return io.same_model(recorded, reader)  # a state written by opcm-ext 0.1: its legacy scheme
+
+
+@dataclass
+class StepSetup:
+    """A step whose inputs passed every check: its method, StepInfo, the inputs' hashes, the model the output mirrors."""
+
+    method: Method
+    info: StepInfo
+    hashes: dict[str, str]  # role ("base", "new") -> content identity
+    like: Any  # the reader whose layout, dtypes and carried tensors the output mirrors
+
+    def state(self, base_name: str, new_name: str) -> MergeState:
+        """The merge state after this step (once the passes before the output know λ(t))."""
+        m, info, prev = self.method, self.info, self.info.prev
+        models = (list(prev.models) if prev else []) + [{"name": new_name, "hash": self.hashes["new"]}]
+        return MergeState(method=m.name, params=dict(m.values), step=info.step, lam=float(m.lam()), norms=info.norms,
+                          base={"name": base_name, "hash": self.hashes["base"]}, models=models)
+
+
+def prepare_step(readers: dict[str, Any], paths: dict[str, str], prev: MergeState | None, *, method: str | None,
+                 params: dict[str, Any], allow_param_change: bool = False, allow_duplicate: bool = False,
+                 where: Path | None = None, progress: bool = False) -> StepSetup:
+    """Resolve the method, validate the inputs and check their identity against ``prev``, before any real work."""
+    m = resolve_method(prev, method, params, allow_param_change, where)
+    info = StepInfo(step=1 if prev is None else prev.step + 1, prev=prev)
+    m.begin(info)
+    validate_inputs(readers, paths)
+    hashes = {r: io.content_hash(readers[r], progress=progress) for r in ("base", "new")}
+    check_identity(prev, readers, paths, hashes, allow_duplicate)
+    info.warnings.extend(getattr(readers["new"], "warnings", ()))  # e.g. a LoRA adapter trained on another name
+    like = readers["merged"] if "merged" in readers else readers["new" if m.copies_first else "base"]
+    return StepSetup(m, info, hashes, like)
+
+
+def kept_shapes(classification: Classification, like: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the floating tensors: what a pass may keep for a later one (OPCM's Σ)."""
+    return {k: tuple(like.info(k).shape) for k, v in classification.kinds.items() if v is not Kind.CARRIED}
+
+
+def step_report(result: StepResult, classification: Classification, *, output: Path | None, device: Any,
+                native: bool, budget: int, rss: RssSampler) -> MergeReport:
+    """The MergeReport of a finished step."""
+    st = result.state
+    return MergeReport(
+        step=st.step, method=st.method, params=dict(st.params), lam=st.lam if st.method == "opcm" else None,
+        norms=list(st.norms), mean_norm=st.mean_norm, output=output, device=str(device),
+        memory_budget_bytes=budget, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
+        timings=result.timings, tensors=classification.counts(), classification=classification.source,
+        groups=result.groups, streamed=result.streamed, backend="native" if native else "torch", warnings=result.warnings,
+        details=result.details,
+    )
+
+
+def _open_checkpoint(role: str, path: str) -> io.CheckpointReader:
+    if io.is_adapter(path):
+        raise CheckpointError(
+            f"the {role} checkpoint {path} is a LoRA adapter; pass the full model as {role.upper()} and adapters "
+            "only as models to merge (they are applied to BASE)."
+        )
+    return io.CheckpointReader(path)
 
 
 class _FileSink:
@@ -249,9 +313,10 @@ def merge_stream(
     readers: dict[str, Any] = {}
     rss = RssSampler().start()  # the whole step: hashing, classification, planning, the passes, the commit
     try:
-        for role in ("base", "merged", "new"):
+        for role in ("base", "merged"):
             if role in paths:
-                readers[role] = io.CheckpointReader(paths[role])
+                readers[role] = _open_checkpoint(role, paths[role])
+        readers["new"] = io.open_model(paths["new"], readers["base"])  # a checkpoint, or a LoRA adapter on BASE
         prev = None
         if merged_p is not None:
             prev = state_of(readers["merged"], str(merged_p))
@@ -263,12 +328,9 @@ def merge_stream(
         params = dict(method_params)
         if alpha is not None:
             params["alpha"] = alpha
-        m = _method(prev, method, params, allow_param_change, merged_p)
-        info = StepInfo(step=1 if prev is None else prev.step + 1, prev=prev)
-        m.begin(info)
-        validate_inputs(readers, paths)
-        hashes = {r: io.content_hash(readers[r], progress=progress) for r in ("base", "new")}
-        _check_identity(prev, readers, paths, hashes, allow_duplicate)
+        setup = prepare_step(readers, paths, prev, method=method, params=params, allow_param_change=allow_param_change,
+                             allow_duplicate=allow_duplicate, where=merged_p, progress=progress)
+        m, like = setup.method, setup.like
 
         ref = readers["base"]
         tensors = {k: (ref.info(k).dtype, tuple(ref.info(k).shape)) for k in ref.keys()}
@@ -283,8 +345,7 @@ def merge_stream(
             stage = budget
         plan = make_plan(classification, infos, work_budget, m, stage_budget=stage)
 
-        like = readers["merged"] if "merged" in readers else readers["new" if m.copies_first else "base"]
-        floating = {k: tuple(like.info(k).shape) for k, v in classification.kinds.items() if v is not Kind.CARRIED}
+        floating = kept_shapes(classification, like)
         keep_bytes = 4 * sum(_numel(s) for s in floating.values()) if any(p.keep for p in m.passes()) else 0
         spill = max(0, keep_bytes - max(0, budget - plan.peak)) if sel.device.type == "cpu" else keep_bytes
         kind = "file" if out_p.suffix == ".safetensors" else "folder"
@@ -298,14 +359,10 @@ def merge_stream(
                     return DeviceStore(floating, sel.device)
                 return io.ScratchStore(tx.scratch_dir, floating, memory_limit=allowance if sel.device.type == "cpu" else 0)
 
-            def new_state() -> MergeState:
-                models = (list(prev.models) if prev else []) + [{"name": new_p.name, "hash": hashes["new"]}]
-                return MergeState(method=m.name, params=dict(m.values), step=info.step, lam=float(m.lam()),
-                                  norms=info.norms, base={"name": base_p.name, "hash": hashes["base"]}, models=models)
-
-            job = StepJob(method=m, info=info, sources=readers, like=like, classification=classification, plan=plan,
-                          ops=sel, sink=_FileSink(tx, like), make_store=make_store, state=new_state, names=paths,
-                          progress=progress, executor=_executor(executor, ray_address))
+            job = StepJob(method=m, info=setup.info, sources=readers, like=like, classification=classification,
+                          plan=plan, ops=sel, sink=_FileSink(tx, like), make_store=make_store,
+                          state=lambda: setup.state(base_p.name, new_p.name), names=paths, progress=progress,
+                          executor=_executor(executor, ray_address))
             result = run_step(job)
             tx.commit()  # config/tokenizer files were copied by OutputTransaction(like_folder=...)
     finally:
@@ -313,15 +370,7 @@ def merge_stream(
         for r in readers.values():
             r.close()
 
-    st = result.state
-    return MergeReport(
-        step=st.step, method=st.method, params=dict(st.params), lam=st.lam if st.method == "opcm" else None,
-        norms=list(st.norms), mean_norm=st.mean_norm, output=out_p, device=str(sel.device),
-        memory_budget_bytes=budget, peak_rss_bytes=rss.peak, baseline_rss_bytes=rss.baseline,
-        timings=result.timings, tensors=classification.counts(), classification=classification.source,
-        groups=result.groups, streamed=result.streamed, backend="native" if sel.native else "torch", warnings=result.warnings,
-        details=result.details,
-    )
+    return step_report(result, classification, output=out_p, device=sel.device, native=sel.native, budget=budget, rss=rss)
 
 
 def _executor(name: str, address: str | None) -> Any:

@@ -8,6 +8,10 @@ same value for the same tensors held in memory.
 Merge states written by opcm-ext 0.1 record a bare 32-hex blake2b identity (``legacy_hash``);
 ``same_model`` compares a recorded hash with a checkpoint in whichever scheme it was recorded.
 
+A reader that is not a plain checkpoint (``io.adapters.AdapterReader``, the in-memory sources of
+``opcm_ext.Merger``) has a ``content_identity()`` method; hashing returns that instead of
+streaming the tensors (an adapter's identity is its own, not the model it stands for).
+
 The cache (``HashCache``) maps (realpath, device, inode, size, mtime_ns) of every file of a
 checkpoint to its hashes, so an unchanged base is hashed once, not every step. It lives in
 ``$OPCM_CACHE_DIR/hashes.json`` (else ``$XDG_CACHE_HOME/opcm-ext/`` or ``~/.cache/opcm-ext/``);
@@ -168,7 +172,10 @@ def legacy_hash(reader: CheckpointReader, *, progress: bool = False, cache: bool
 
 def same_model(recorded: str, reader: CheckpointReader, cache: bool | HashCache | None = True) -> bool:
     """Whether ``reader`` holds the model a state recorded as ``recorded`` (compared in that hash's scheme)."""
-    return _hash(reader, hash_algorithm(recorded), False, cache) == recorded
+    algo = hash_algorithm(recorded)
+    if algo != "blake3" and hasattr(reader, "content_identity"):
+        return False  # opcm-ext 0.1 recorded checkpoints only: an adapter or in-memory model is never one of them
+    return _hash(reader, algo, False, cache) == recorded
 
 
 def hash_tensors(items: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> str:
@@ -193,6 +200,11 @@ def hash_tensors(items: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.
 
 
 def _hash(reader: CheckpointReader, algo: str, progress: bool, cache: bool | HashCache | None) -> str:
+    own = getattr(reader, "content_identity", None)
+    if own is not None:  # a model that is not a checkpoint (a LoRA adapter, tensors in memory) names its own identity
+        if algo != "blake3":
+            raise ValueError(f"{reader!r} has no identity in the {algo} scheme (opcm-ext 0.1 only hashed checkpoints)")
+        return own()
     store = _cache_of(cache)
     ident = _identity(reader) if store is not None else None
     if store is not None and ident is not None:
