@@ -1,8 +1,8 @@
-"""A small on-disk cache (content hashes, classifications) in the user's cache folder.
+"""The user's cache folder (model hashes, classifications): where it is, whether it is on, JSON entries.
 
 ``$OPCM_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/opcm-ext``, else ``~/.cache/opcm-ext``.
 Entries are JSON files written atomically; a missing, corrupt or unwritable cache is never an
-error (the value is recomputed). ``OPCM_NO_CACHE=1`` turns the cache off.
+error (the value is recomputed). ``OPCM_NO_CACHE=1`` turns every cache off.
 """
 
 from __future__ import annotations
@@ -13,17 +13,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cache_dir", "load", "store"]
+__all__ = ["cache_root", "enabled", "cache_dir", "load", "store"]
+
+
+def enabled() -> bool:
+    """False when ``OPCM_NO_CACHE`` is set (to anything but 0)."""
+    return os.environ.get("OPCM_NO_CACHE", "") in ("", "0")
+
+
+def cache_root() -> Path:
+    """The cache folder, whether or not caching is on."""
+    if os.environ.get("OPCM_CACHE_DIR"):
+        return Path(os.environ["OPCM_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(os.path.expanduser("~")) / ".cache"
+    return base / "opcm-ext"
 
 
 def cache_dir() -> Path | None:
     """The cache folder, or None when caching is off."""
-    if os.environ.get("OPCM_NO_CACHE", "") not in ("", "0"):
-        return None
-    if os.environ.get("OPCM_CACHE_DIR"):
-        return Path(os.environ["OPCM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "opcm-ext"
+    return cache_root() if enabled() else None
 
 
 def load(name: str) -> Any:

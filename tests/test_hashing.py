@@ -327,7 +327,7 @@ def test_default_cache_location_and_switch(tmp_path, monkeypatch, one_file, comp
         content_hash(r)
         content_hash(r)
         assert computed == ["blake3"] and (tmp_path / "opcm" / "hashes.json").is_file()
-        monkeypatch.setenv("OPCM_NO_HASH_CACHE", "1")
+        monkeypatch.setenv("OPCM_NO_CACHE", "1")
         content_hash(r)
         assert computed == ["blake3", "blake3"]
         content_hash(r, cache=False)

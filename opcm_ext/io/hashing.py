@@ -15,7 +15,7 @@ streaming the tensors (an adapter's identity is its own, not the model it stands
 The cache (``HashCache``) maps (realpath, device, inode, size, mtime_ns) of every file of a
 checkpoint to its hashes, so an unchanged base is hashed once, not every step. It lives in
 ``$OPCM_CACHE_DIR/hashes.json`` (else ``$XDG_CACHE_HOME/opcm-ext/`` or ``~/.cache/opcm-ext/``);
-``OPCM_NO_HASH_CACHE=1`` turns the default cache off. A missing, corrupt or unwritable
+``OPCM_NO_CACHE=1`` turns the default cache off. A missing, corrupt or unwritable
 cache only means hashing again: it never fails a caller.
 """
 
@@ -37,6 +37,7 @@ from typing import Any, Callable
 import blake3
 import torch
 
+from .. import _cache
 from ._fs import tensor_bytes
 from .dtypes import dtype_to_str
 from .reader import CheckpointReader
@@ -227,7 +228,7 @@ def _identity(reader: CheckpointReader) -> tuple | None:
 def _cache_of(cache: bool | HashCache | None) -> HashCache | None:
     if isinstance(cache, HashCache):
         return cache
-    if not cache or os.environ.get("OPCM_NO_HASH_CACHE", "") not in ("", "0"):
+    if not cache or not _cache.enabled():
         return None
     return HashCache()
 
@@ -238,13 +239,8 @@ def _cache_of(cache: bool | HashCache | None) -> HashCache | None:
 
 
 def default_cache_path() -> Path:
-    """``$OPCM_CACHE_DIR/hashes.json``, else ``$XDG_CACHE_HOME/opcm-ext/hashes.json``, else ``~/.cache/...``."""
-    d = os.environ.get("OPCM_CACHE_DIR")
-    if d:
-        return Path(d) / "hashes.json"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(os.path.expanduser("~")) / ".cache"
-    return base / "opcm-ext" / "hashes.json"
+    """``hashes.json`` in the user's cache folder (``opcm_ext._cache.cache_root``)."""
+    return _cache.cache_root() / "hashes.json"
 
 
 class HashCache:
