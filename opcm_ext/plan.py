@@ -1,6 +1,6 @@
 """Plan a merge step: classify tensors, validate the inputs, group tensors under the memory budget.
 
-Classification (../shared/SPEC.md, "Tensor classes") comes from module types:
+Classification (docs/algorithm.md, "Tensor classes") comes from module types:
 the architecture named in ``config.json`` is built on the ``meta`` device (no
 memory), the ``weight`` of every ``torch.nn.Linear`` (and transformers'
 GPT-2-style ``Conv1D``, a linear layer stored transposed) is *projected*, every
