@@ -360,8 +360,8 @@ class RayExecutor:
             raise ConfigError(f"--device {spec.device} with --executor ray needs {'GPUs' if gpu else 'CPUs'} in the "
                               "Ray cluster, and it has none; start the workers with `ray start --num-gpus N`.")
         chunks = _chunks(units, slots)
-        task = self._remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=self.max_retries,
-                                    retry_exceptions=False, name=f"opcm:{p.name}")
+        task = self._remote.options(num_cpus=1, num_gpus=1 if gpu else 0, memory=_memory(ray, runner.job.plan.peak),
+                                    max_retries=self.max_retries, retry_exceptions=False, name=f"opcm:{p.name}")
         ref = ray.put(spec)
         pending = {task.remote(ref, a, b): (a, b) for a, b in chunks}
         results: dict[int, TaskResult] = {}
@@ -429,6 +429,13 @@ class RayExecutor:
                 "intact. Rerun the command; if workers keep dying, check the workers' memory (a smaller "
                 "--memory-budget shrinks each task's working set) or raise OPCM_RAY_MAX_RETRIES."
             ) from e
+
+
+def _memory(ray: Any, peak: int) -> int:
+    """Memory a task reserves: the plan's working set (so a node runs no more tasks at once than its memory
+    holds), at most the largest node's memory (a larger request could never be scheduled)."""
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(min(peak, max(nodes, default=0)))
 
 
 def _probe(address: str) -> None:
