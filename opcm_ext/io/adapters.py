@@ -49,7 +49,7 @@ from .dtypes import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .hashing import content_hash, hash_tensors
 from .reader import CheckpointReader, TensorInfo
 
-__all__ = ["AdapterReader", "is_adapter", "open_model", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+__all__ = ["AdapterReader", "LoraTarget", "is_adapter", "open_model", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,7 +112,7 @@ def open_model(path: str | os.PathLike[str], base_reader: CheckpointReader | Non
 
 
 @dataclass(frozen=True)
-class _Lora:
+class LoraTarget:
     """One targeted weight: delta = scaling · B @ A, transposed for fan_in_fan_out and embeddings."""
 
     module: str  # the module's name in the adapter (for messages and the identity)
@@ -127,7 +127,7 @@ class _Edit:
     """What the adapter does to one base tensor."""
 
     replace: str | None = None  # an adapter tensor that replaces the base's (modules_to_save, trained biases)
-    lora: _Lora | None = None  # a low-rank delta on a weight
+    lora: LoraTarget | None = None  # a low-rank delta on a weight
     bias: tuple[str, float] | None = None  # lora_B.bias and its scaling, added to a bias
 
 
@@ -215,6 +215,11 @@ class AdapterReader:
             out[k] = "+".join(parts)
         return out
 
+    @property
+    def loras(self) -> dict[str, LoraTarget]:
+        """Base tensor name -> the low-rank delta on it (adapter tensors, scaling, orientation)."""
+        return {k: e.lora for k, e in self._edits.items() if e.lora is not None}
+
     def read(self, name: str, out: torch.Tensor | None = None, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The adapted tensor (or rows [r0, r1) of it) in the base's dtype; into ``out`` (uint8) if given."""
         return self._block(name, rows, None, out)
@@ -281,7 +286,7 @@ class AdapterReader:
         view.copy_(x)
         return view
 
-    def _delta(self, lora: _Lora, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+    def _delta(self, lora: LoraTarget, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
         """scaling · (B @ A) (or its transpose) restricted to ``rows`` x ``cols``, float32."""
         r = self._inner
         if not lora.transposed:  # delta = B @ A: rows of B, columns of A
@@ -454,7 +459,7 @@ def _plan_edits(cfg: dict[str, Any], inner: CheckpointReader, base: CheckpointRe
                 f"the adapter {folder} changes {k} by a {list(want)} matrix (module {module}), but the base {base.path} "
                 f"holds it as {list(base.info(k).shape)}; the adapter belongs to another base model."
             )
-        edits.setdefault(k, _Edit()).lora = _Lora(module, a, b, scaling, transposed)
+        edits.setdefault(k, _Edit()).lora = LoraTarget(module, a, b, scaling, transposed)
         if "B.bias" in parts:
             kb = target(f"{module}.bias", "adds a lora_B bias to")
             edits.setdefault(kb, _Edit()).bias = (parts["B.bias"], scaling)
