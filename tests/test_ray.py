@@ -9,12 +9,14 @@ process while the flag file exists (it deletes the file first, so a retry runs t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
 import pytest
 import torch
-from helpers import make_family, run_cli, snapshot, temporaries, tiny_clip_vision_config
+from helpers import (build_model, make_family, run_cli, snapshot, temporaries, tiny_clip_vision_config,
+                     tiny_llama_config)
 
 import opcm_ext
 from opcm_ext.errors import BackendError, ConfigError
@@ -123,6 +125,22 @@ def test_row_blocks_streamed_svds_and_shards_are_byte_identical(ray_instance, sh
     else:
         whole = opcm_ext.merge_stream(sharded[0], None, sharded[1], tmp_path / "whole", method=method, device="cpu")
         assert reports[0].groups > 2 * whole.groups  # the budget split tensors into row blocks
+
+
+def test_lora_adapters_as_models_are_byte_identical(ray_instance, tmp_path):
+    """An adapter read as a model travels to the workers too (it reopens itself and its base by path)."""
+    peft = pytest.importorskip("peft")
+    base = build_model(tiny_llama_config(), "LlamaForCausalLM", 0)
+    base.save_pretrained(tmp_path / "base")
+    paths = [tmp_path / "base"]
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                               init_lora_weights=False)
+        peft.get_peft_model(copy.deepcopy(base), lora).save_pretrained(tmp_path / f"adapter{i}")
+        paths.append(tmp_path / f"adapter{i}")
+    local, remote, _ = _merge_both(paths, tmp_path, "opcm")
+    assert snapshot(remote) == snapshot(local)
 
 
 # -- a worker killed mid-step ------------------------------------------------------------------------------
