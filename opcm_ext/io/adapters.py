@@ -272,7 +272,8 @@ class AdapterReader:
         if edit.lora is not None or edit.bias is not None:
             y = x.to(torch.float32)
             if edit.lora is not None:
-                y = y + self._delta(edit.lora, rows, cols)
+                left, right = self._factors(edit.lora, rows, cols)
+                y = torch.addmm(y, left, right, alpha=edit.lora.scaling)  # y + scaling · left @ right, one pass
             if edit.bias is not None:
                 y = y + edit.bias[1] * self._inner.read(edit.bias[0], rows=rows).to(torch.float32)
             x = y
@@ -286,16 +287,17 @@ class AdapterReader:
         view.copy_(x)
         return view
 
-    def _delta(self, lora: LoraTarget, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
-        """scaling · (B @ A) (or its transpose) restricted to ``rows`` x ``cols``, float32."""
+    def _factors(self, lora: LoraTarget, rows: tuple[int, int] | None,
+                 cols: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (left, right) with left @ right = (B @ A, or its transpose) restricted to ``rows`` x ``cols``."""
         r = self._inner
-        if not lora.transposed:  # delta = B @ A: rows of B, columns of A
+        if not lora.transposed:  # B @ A: rows of B, columns of A
             left = r.read(lora.b, rows=rows)
             right = r.read(lora.a) if cols is None else r.read_columns(lora.a, *cols)
-        else:  # delta = (B @ A)ᵀ = Aᵀ @ Bᵀ: columns of A, rows of B
+        else:  # (B @ A)ᵀ = Aᵀ @ Bᵀ: columns of A, rows of B
             left = (r.read(lora.a) if rows is None else r.read_columns(lora.a, *rows)).mT
             right = (r.read(lora.b) if cols is None else r.read(lora.b, rows=cols)).mT
-        return (left.to(torch.float32) @ right.to(torch.float32)) * lora.scaling
+        return left.to(torch.float32), right.to(torch.float32)
 
 
 def _reopen(path: str, base_path: str) -> AdapterReader:
