@@ -337,6 +337,7 @@ def merge_stream(
         classification = classify(tensors, _config_dir(readers), projected=projected, averaged=averaged)
         for note in classification.notes:
             log.info(note)
+        setup.info.nonleaf = frozenset(classification.nonleaf)
         infos = {k: (tuple(ref.info(k).shape), sum(r.info(k).dtype.itemsize for r in readers.values())) for k in ref.keys()}
         stage = None
         work_budget = budget
