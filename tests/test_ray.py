@@ -19,7 +19,7 @@ from helpers import (build_model, make_family, run_cli, snapshot, temporaries, t
                      tiny_llama_config)
 
 import opcm_ext
-from opcm_ext.errors import BackendError, ConfigError
+from opcm_ext.errors import BackendError, CheckpointError, ConfigError
 from opcm_ext.executors.ray import RayExecutor, _chunks, _replay, _taped
 from opcm_ext.methods.base import ScanSums
 from opcm_ext.plan import Group, Kind, Streamed
@@ -102,6 +102,15 @@ def test_bad_fault_spec_and_retries_are_config_errors(monkeypatch):
     monkeypatch.setenv("OPCM_RAY_MAX_RETRIES", "0")
     assert RayExecutor().max_retries == 0
     assert RayExecutor("127.0.0.1:1").address == "127.0.0.1:1"
+
+
+def test_a_typed_error_in_a_task_reaches_the_driver_with_its_type(ray_instance):
+    def fails():  # defined here: Ray ships it by value (workers cannot import test modules)
+        raise CheckpointError("model.safetensors is truncated")
+
+    ref = ray_instance.remote(fails).options(max_retries=0).remote()
+    with pytest.raises(CheckpointError, match="truncated"):
+        RayExecutor()._result(ray_instance, ref, "sigma", [], 0)
 
 
 # -- byte identity with the local executor --------------------------------------------------------------

@@ -39,13 +39,11 @@ from typing import Any, Callable
 import torch
 
 from .. import _version
-from ..errors import BackendError, ConfigError, OpcmError
+from ..errors import BackendError, CheckpointError, ConfigError, OpcmError
 from ..methods.base import Method, ScanSums, Sums
 from ..plan import Group, Plan, Streamed
 
 __all__ = ["RayExecutor", "TaskSpec", "TaskResult", "run_task"]
-
-log = logging.getLogger(__name__)
 
 #: Tasks per execution slot (CPU, or GPU with --device cuda): enough to balance uneven units.
 TASKS_PER_SLOT = 4
@@ -147,7 +145,6 @@ class TaskResult:
     sums: Sums
     scan: ScanSums | None
     written: list[tuple[str, tuple[int, int] | None, tuple[int, int] | None]] = field(default_factory=list)
-    node: str = ""
 
 
 class _TaskWriter:
@@ -196,8 +193,8 @@ def _worker_for(spec: TaskSpec) -> Any:
     try:
         readers = pickle.loads(spec.readers)  # each reader reopens its files by path (a role and "like" share one)
     except OpcmError as e:
-        raise type(e)(f"on Ray node {socket.gethostname()}: {e} (--executor ray needs the checkpoints and the "
-                      "output folder on a filesystem every node sees at the same path)") from None
+        raise CheckpointError(f"on Ray node {socket.gethostname()}: {e} (--executor ray needs the checkpoints and "
+                              "the output folder on a filesystem every node sees at the same path)") from None
     opened = list({id(r): r for r in readers.values()}.values())
     like = readers.pop("like")
     sel = ops.select(spec.device, "native" if spec.native else "torch")
@@ -250,7 +247,7 @@ def run_task(spec: TaskSpec, first: int, last: int) -> TaskResult:
         worker.writer = worker.store = None
         if store is not None:
             store.close()  # close-to-open: the next pass's tasks on other nodes see Σ
-    return TaskResult(first, _host(sums), _host(scan), writer.written if writer else [], socket.gethostname())  # type: ignore[arg-type]
+    return TaskResult(first, _host(sums), _host(scan), writer.written if writer else [])  # type: ignore[arg-type]
 
 
 def _maybe_fail(spec: TaskSpec, pass_name: str, unit: int) -> None:
