@@ -20,7 +20,7 @@ from helpers import (build_model, make_family, run_cli, snapshot, temporaries, t
 
 import opcm_ext
 from opcm_ext.errors import BackendError, CheckpointError, ConfigError
-from opcm_ext.executors.ray import RayExecutor, _chunks, _replay, _taped
+from opcm_ext.executors.ray import RayExecutor, _chunks, _parse_fault, _replay, _taped
 from opcm_ext.methods.base import ScanSums
 from opcm_ext.plan import Group, Kind, Streamed
 
@@ -101,7 +101,11 @@ def test_bad_fault_spec_and_retries_are_config_errors(monkeypatch):
         RayExecutor()
     monkeypatch.setenv("OPCM_RAY_MAX_RETRIES", "0")
     assert RayExecutor().max_retries == 0
-    assert RayExecutor("127.0.0.1:1").address == "127.0.0.1:1"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert RayExecutor().address == "10.0.0.1:6379" and RayExecutor("127.0.0.1:1").address == "127.0.0.1:1"
+    assert _parse_fault("write:3:/tmp/flag") == ("write", 3, "/tmp/flag") and _parse_fault("") is None
+    with pytest.raises(ConfigError, match="OPCM_RAY_FAULT"):
+        _parse_fault("write")
 
 
 def test_a_typed_error_in_a_task_reaches_the_driver_with_its_type(ray_instance):
