@@ -96,7 +96,7 @@ def test_merge_sequence_and_cli_agree(clip_family, tmp_path):
     assert all(torch.equal(cli[k], api[k]) for k in api)
     info = json.loads(run_cli("info", tmp_path / "cli", "--json").stdout)
     assert info["state"]["step"] == 8 and info["state"]["method"] == "opcm"
-    assert info["state"]["params"] == {"alpha": 0.5}
+    assert info["state"]["params"] == {"alpha": 0.5, "compat": "paper"}
     assert [m["name"] for m in info["state"]["models"]] == [p.name for p in paths[1:]]
 
 
@@ -232,7 +232,7 @@ def test_continuing_with_other_params_needs_permission(clip_family, tmp_path):
     with pytest.raises(MergeStateError, match="alpha"):
         opcm_ext.merge_stream(paths[0], tmp_path / "m", paths[3], alpha=0.7)
     rep = opcm_ext.merge_stream(paths[0], tmp_path / "m", paths[3], alpha=0.7, allow_param_change=True)
-    assert rep.params == {"alpha": 0.7}
+    assert rep.params == {"alpha": 0.7, "compat": "paper"}
 
 
 def test_existing_output_needs_overwrite(clip_family, tmp_path):
