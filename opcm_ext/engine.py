@@ -32,7 +32,11 @@ __all__ = ["StepJob", "StepResult", "Worker", "DeviceStore", "run_step", "PassRu
 
 
 class Writer(Protocol):
-    """Where output tensors go: a safetensors writer in a transaction, or a dict in memory."""
+    """Where output tensors go: a safetensors writer in a transaction, or a dict in memory.
+
+    A writer with a ``device`` attribute equal to the compute device takes the results there
+    (no copy to the host).
+    """
 
     def write(self, name: str, tensor: torch.Tensor, *, rows: tuple[int, int] | None = None,
               cols: tuple[int, int] | None = None) -> None: ...
@@ -197,7 +201,8 @@ class Worker:
             for k, t in zip(group.keys, outs):
                 self.store.put(k, t, rows=group.rows)  # type: ignore[union-attr]
         if p.output:
-            for k, t in zip(group.keys, self._to_host(list(outs))):
+            on_device = getattr(self.writer, "device", None) == self.device  # an in-memory merge keeps them there
+            for k, t in zip(group.keys, list(outs) if on_device else self._to_host(list(outs))):
                 self._write(k, t, group.rows)
 
     def streamed(self, p: Pass, s: Streamed, sums: Sums, scan: ScanSums | None) -> None:
