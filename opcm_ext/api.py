@@ -355,8 +355,8 @@ def merge_stream(
             if prev is not None and _same_path(out_p, merged_p):  # type: ignore[arg-type]
                 _check_unchanged(merged_p, prev, new_p)  # type: ignore[arg-type]
 
-            def make_store(allowance: int):
-                if sel.device.type == "cuda" and keep_bytes <= max(0, work_budget - plan.peak):
+            def make_store(allowance: int):  # allowance: the plan's budget minus its peak (0 under Ray)
+                if sel.device.type == "cuda" and keep_bytes <= allowance:
                     return DeviceStore(floating, sel.device)
                 return io.ScratchStore(tx.scratch_dir, floating, memory_limit=allowance if sel.device.type == "cpu" else 0)
 

@@ -79,6 +79,10 @@ class Sums:
     creates one instance per worker, moves it to the compute device (``to``), lets the handlers
     add into it, and merges the workers' instances (``merge``) before the pass's ``reduce``.
     ``timings`` (seconds per phase) are summed the same way.
+
+    Handlers only add into their sums (``+``, ``+=``, ``add_``) and never change the method's
+    state: under the Ray executor each task's additions are replayed in the local order, so the
+    float64 reductions (and the output bytes) are the same wherever the groups ran.
     """
 
     timings: dict[str, float] = field(default_factory=dict)
