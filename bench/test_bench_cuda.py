@@ -59,7 +59,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +68,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "python"))
-sys.path.insert(0, str(REPO / "bench"))
 
 def _cuda_missing() -> str | None:
     if not torch.cuda.is_available():

@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
 
-import opcm_ref  # noqa: E402  (the pure-torch oracle)
+import opcm_ref  # noqa: F401  (the pure-torch oracle, on pytest's pythonpath; tests import it from here)
 
 
 def tiny_clip_vision_config(hidden=32, layers=2, inter=64, heads=4, image=32, patch=8):

@@ -31,7 +31,6 @@ test_bad_inputs.py and test_disk_full.py use the same zygote for their CLI runs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

@@ -15,7 +15,6 @@ Method parameters are passed explicitly, so a change of a default does not move 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess

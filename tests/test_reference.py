@@ -9,16 +9,12 @@ in float32, so they are compared exactly.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-import opcm_ref  # noqa: E402
-from opcm_ref import (  # noqa: E402
+import opcm_ref
+from opcm_ref import (
     AVERAGED,
     CARRIED,
     PROJECTED,
