@@ -32,13 +32,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 
-def _pool(base: str, models: list[str]):
+def load_model(path: str, dtype: str):
+    """``CLIPVisionModel.from_pretrained`` converted to ``dtype`` (the pool's factory for --dtype float64)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.from_pretrained(path).to(getattr(torch, dtype))
+
+
+def _pool(base: str, models: list[str], dtype: str = "float32"):
     from fusion_bench import BaseModelPool
     from omegaconf import DictConfig
 
     def cfg(path: str) -> DictConfig:
-        return DictConfig({"_target_": "transformers.CLIPVisionModel.from_pretrained",
-                           "pretrained_model_name_or_path": str(path)})
+        if dtype == "float32":  # as FusionBench's own CLIP configs load models
+            return DictConfig({"_target_": "transformers.CLIPVisionModel.from_pretrained",
+                               "pretrained_model_name_or_path": str(path)})
+        return DictConfig({"_target_": "fusionbench_runner.load_model", "path": str(path), "dtype": dtype})
 
     entries = {"_pretrained_": cfg(base)}
     for i, m in enumerate(models):
@@ -102,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", type=float, default=0.3)
     p.add_argument("--keep", type=float, default=0.2, help="TIES keep-fraction (FusionBench threshold = 100*keep)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64 runs FusionBench's code in double precision: its SVDs and its whole-model "
+                        "float32 norms (torch.linalg.norm over ~1e8 entries loses ~1%% on CPU) become exact, "
+                        "which isolates the semantic differences from its rounding")
     p.add_argument("--emulate-release", action="store_true",
                    help="OPCM as before FusionBench's 2025-03-18 fix: the diagonal of P is never zeroed")
     a = p.parse_args(argv)
@@ -115,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     t1 = time.perf_counter()
-    pool = _pool(a.base, a.models)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # hydra imports `fusionbench_runner.load_model`
+    pool = _pool(a.base, a.models, a.dtype)
     algo = _algorithm(a.method, a.alpha, a.lam, a.keep)
     if a.emulate_release:
         _emulate_release(algo)
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # pragma: no cover - metadata missing
             fb_version = getattr(fusion_bench, "__version__", None)
         Path(a.json).write_text(json.dumps({
-            "method": a.method, "emulate_release": a.emulate_release, "alpha": a.alpha, "lam": a.lam, "keep": a.keep, "models": len(a.models),
+            "method": a.method, "dtype": a.dtype, "emulate_release": a.emulate_release, "alpha": a.alpha, "lam": a.lam, "keep": a.keep, "models": len(a.models),
             "import_s": round(t1 - t0, 4), "setup_s": round(t2 - t1, 4), "merge_s": round(t3 - t2, 4),
             "save_s": round(t4 - t3, 4), "torch_threads": torch.get_num_threads(),
             "versions": {"fusion_bench": fb_version, "torch": torch.__version__,

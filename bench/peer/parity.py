@@ -52,15 +52,52 @@ def peer_python(venv: str | Path | None = None) -> Path:
     return root / "bin" / "python"
 
 
-def make_checkpoints(root: Path, shapes: str, n: int, seed: int = 0) -> tuple[Path, list[Path]]:
-    """Base + n fine-tuned CLIP vision checkpoints with transformers-4 key names (reused if present)."""
+def _decaying_spectra(folder: Path, model, models: list[Path], decay: float, seed: int) -> None:
+    """Give every Linear weight's task vector singular values decaying as ``decay**i`` (same Frobenius norm).
+
+    Gaussian task vectors have singular values packed closer than 1 % near OPCM's split rank, so which
+    directions fall in the zeroed ``P[:r, :r]`` block moves with the last bit of the inputs (a float32
+    rounding of θ(t−1) shifts a 768x768 layer's result by up to ~1e-3). Fine-tuned task vectors have
+    decaying spectra; with them the comparison measures the algorithm, not the conditioning.
+    """
+    import helpers
+    from safetensors.torch import load_file, save_file
+
+    linear = helpers.projected_keys(model)
+    base = load_file(str(folder / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 7)
+    for path in models:
+        sd = load_file(str(path / "model.safetensors"))
+        for k in sorted(sd):
+            if k[len(PREFIX):] not in linear:
+                continue
+            tau = (sd[k] - base[k]).double()
+            m, n = tau.shape
+            q = min(m, n)
+            U = torch.linalg.qr(torch.randn(m, q, generator=g, dtype=torch.float64))[0]
+            V = torch.linalg.qr(torch.randn(n, q, generator=g, dtype=torch.float64))[0]
+            s = decay ** torch.arange(q, dtype=torch.float64)
+            new = (U * s) @ V.mT
+            sd[k] = (base[k].double() + new * (tau.norm() / new.norm())).float().contiguous()
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def make_checkpoints(root: Path, shapes: str, n: int, seed: int = 0, spectrum: str = "decaying"
+                     ) -> tuple[Path, list[Path]]:
+    """Base + n fine-tuned CLIP vision checkpoints with transformers-4 key names (reused if present).
+
+    ``spectrum``: "random" keeps Gaussian task vectors (tests/helpers.make_family); "decaying" (default)
+    gives the Linear weights' task vectors singular values 0.97**i (see ``_decaying_spectra``).
+    """
     import helpers
 
     cfg = helpers.tiny_clip_vision_config() if shapes == "tiny" else helpers.vit_b32_config()
-    folder = root / f"{shapes}-n{n}-s{seed}"
+    folder = root / f"{shapes}-n{n}-s{seed}-{spectrum}"
     paths = [folder / "base"] + [folder / f"task{i}" for i in range(1, n + 1)]
     if not all((p / "model.safetensors").exists() for p in paths):
-        helpers.make_family(folder, cfg, "CLIPVisionModel", n, seed=seed, prefix=PREFIX)
+        _, model = helpers.make_family(folder, cfg, "CLIPVisionModel", n, seed=seed, prefix=PREFIX)
+        if spectrum == "decaying":
+            _decaying_spectra(folder, model, paths[1:], 0.97, seed)
     return paths[0], paths[1:]
 
 
@@ -96,11 +133,11 @@ def run_ours(method: str, base: Path, models: list[Path], out: Path, *, lam: flo
 
 
 def run_peer(method: str, base: Path, models: list[Path], out: Path, *, lam: float, timeout: int,
-             venv: str | None = None, emulate_release: bool = False) -> tuple[float, dict]:
+             venv: str | None = None, emulate_release: bool = False, dtype: str = "float32") -> tuple[float, dict]:
     """FusionBench in its venv, a fresh process; returns (wall time, the runner's own timings)."""
     js = out.with_suffix(".json")
     cmd = [str(peer_python(venv)), str(HERE / "fusionbench_runner.py"), "--method", method, "--base", str(base),
-           "--models", *map(str, models), "--out", str(out), "--json", str(js), "--lam", str(lam)]
+           "--models", *map(str, models), "--out", str(out), "--json", str(js), "--lam", str(lam), "--dtype", dtype]
     if emulate_release:
         cmd.append("--emulate-release")
     dt = _run(cmd, out.with_suffix(".log"), timeout)
@@ -166,14 +203,15 @@ def _group(rows: dict, kinds: dict) -> dict:
 
 def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto", lam: float = 0.3,
         repeat: int = 1, venv: str | None = None, timeout: int = 1800,
-        reference_modes=("paper", "fusionbench", "release"), methods=METHODS, ours_src: Path | None = None) -> dict:
+        reference_modes=("paper", "fusionbench", "release"), methods=METHODS, ours_src: Path | None = None,
+        peer_dtype: str = "float32", spectrum: str = "decaying") -> dict:
     """Merge with both, compare, time; returns a JSON-able result."""
     import opcm_ref
 
     if not peer_python(venv).exists():
         raise SystemExit(f"no FusionBench venv at {peer_python(venv).parent.parent}; run bench/peer/setup_env.sh")
     workdir.mkdir(parents=True, exist_ok=True)
-    base, models = make_checkpoints(workdir, shapes, n)
+    base, models = make_checkpoints(workdir, shapes, n, spectrum=spectrum)
     has_compat = ours_supports_compat(ours_src)
     used_compat = ("fusionbench" if has_compat else None) if compat == "auto" else compat
     if used_compat and not has_compat:
@@ -186,11 +224,12 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
         model = helpers.build_model(helpers.tiny_clip_vision_config() if shapes == "tiny"
                                     else helpers.vit_b32_config(), "CLIPVisionModel", 0)
     kinds = opcm_ref.classify_by_module(model, base_sd)
-    result = {"shapes": shapes, "models": n, "lam": lam, "alpha": 0.5, "keep": 0.2,
+    result = {"shapes": shapes, "models": n, "lam": lam, "alpha": 0.5, "keep": 0.2, "peer_dtype": peer_dtype,
+              "spectrum": spectrum,
               "compat_ours": used_compat or "default", "ours_src": str(ours_src) if ours_src else None, "methods": {},
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "cpu_count": os.cpu_count(), "platform": platform.platform()}}
-    out_dir = workdir / f"out-{shapes}-n{n}"
+    out_dir = workdir / f"out-{shapes}-n{n}-{spectrum}-{peer_dtype}"
     out_dir.mkdir(exist_ok=True)
     for method in methods:
         ours_t, peer_t, peer_inner = [], [], []
@@ -199,7 +238,7 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
             peer_out = out_dir / f"fusionbench-{method}.safetensors"
             ours_t.append(run_ours(method, base, models, ours_out, lam=lam, compat=used_compat, timeout=timeout,
                                    src=ours_src))
-            dt, inner = run_peer(method, base, models, peer_out, lam=lam, timeout=timeout, venv=venv)
+            dt, inner = run_peer(method, base, models, peer_out, lam=lam, timeout=timeout, venv=venv, dtype=peer_dtype)
             peer_t.append(dt)
             peer_inner.append(inner)
         theirs = _load(peer_out)
@@ -211,6 +250,13 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
                  "timing": {"ours_process_s": ours_t, "fusionbench_process_s": peer_t,
                             "fusionbench_merge_s": [p["merge_s"] for p in peer_inner],
                             "fusionbench_versions": peer_inner[-1]["versions"]}}
+        if method == "opcm":
+            # SPEC P2: ‖θ(T) − θ0‖ = mean of the task-vector norms. FusionBench's float32 whole-model
+            # norms (torch.linalg.norm on CPU) miss it by ~1e-3 at ViT-B/32 size; this shows by how much.
+            mean_norm = sum(opcm_ref.flat_norm(opcm_ref.task_vector(base_sd, m)) for m in model_sds) / n
+            entry["norm_vs_mean_task_norm"] = {
+                "fusionbench": opcm_ref.flat_norm(opcm_ref.task_vector(base_sd, theirs)) / mean_norm - 1.0,
+                "ours": opcm_ref.flat_norm(opcm_ref.task_vector(base_sd, ours)) / mean_norm - 1.0}
         if reference_modes:
             modes = tuple(reference_modes) if method == "opcm" else ("paper",)
             entry["reference_vs_fusionbench"] = {}
@@ -221,7 +267,8 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
                                                            "identical": c["identical"], "tensors": c["tensors"]}
         if method == "opcm" and "release" in reference_modes:
             peer_rel = out_dir / "fusionbench-opcm-release.safetensors"
-            run_peer("opcm", base, models, peer_rel, lam=lam, timeout=timeout, venv=venv, emulate_release=True)
+            run_peer("opcm", base, models, peer_rel, lam=lam, timeout=timeout, venv=venv, emulate_release=True,
+                     dtype=peer_dtype)
             c = compare(reference("opcm", base_sd, model_sds, "release", lam, model), _load(peer_rel), base_sd)
             entry["reference_release_vs_fusionbench_before_fix"] = {"worst_rel": c["worst_rel"],
                                                                     "worst_key": c["worst_key"],
@@ -233,7 +280,9 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
 def format_table(result: dict) -> str:
     """The parity table and the timings as text."""
     lines = [f"FusionBench parity: {result['shapes']} shapes, base + {result['models']} models, "
-             f"λ = {result['lam']}, α = {result['alpha']}; opcm merge --compat {result['compat_ours']}",
+             f"{result.get('spectrum', 'random')} task-vector spectra, λ = {result['lam']}, α = {result['alpha']}; "
+             f"opcm merge --compat {result['compat_ours']}; "
+             f"FusionBench in {result.get('peer_dtype', 'float32')}",
              f"{'comparison':<50} {'worst rel':>10} {'projected':>10} {'averaged':>10} {'class_emb':>10} "
              f"{'identical':>10}  worst tensor"]
 
@@ -250,6 +299,11 @@ def format_table(result: dict) -> str:
             row(f"{m}: python ref ({mode}) vs FusionBench", c)
         if "reference_release_vs_fusionbench_before_fix" in e:
             row(f"{m}: ref (release) vs FB before 2025-03 fix", e["reference_release_vs_fusionbench_before_fix"])
+    for m, e in result["methods"].items():
+        if "norm_vs_mean_task_norm" in e:
+            d = e["norm_vs_mean_task_norm"]
+            lines.append(f"{m}: ‖θ(T) − θ0‖ / mean task-vector norm − 1 (SPEC P2: 0): FusionBench "
+                         f"{d['fusionbench']:+.1e}, opcm merge {d['ours']:+.1e}")
     lines.append("")
     lines.append(f"{'timing (whole processes, s)':<50} {'opcm merge':>12} {'FusionBench':>12} {'FB run() only':>14}")
     for m, e in result["methods"].items():
@@ -274,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                         "full-SVD merge: minutes at ViT-B/32 shapes)")
     p.add_argument("--venv", default=None, help="FusionBench's venv (default $OPCM_PEER_VENV or .venv-peer)")
     p.add_argument("--json", default=None, help="write the full result (per-tensor rows too) here")
+    p.add_argument("--spectrum", choices=["decaying", "random"], default="decaying",
+                   help="task vectors of the Linear weights: singular values 0.97**i (default; well conditioned "
+                        "like fine-tuned ones) or Gaussian (split rank ill-conditioned: ~1e-3 on a few layers)")
+    p.add_argument("--peer-dtype", choices=["float32", "float64"], default="float32",
+                   help="FusionBench's precision: float32 is what it runs; float64 removes its rounding (fp32 "
+                        "SVDs, fp32 whole-model norms) and leaves only the semantic differences")
     p.add_argument("--ours-src", default=None,
                    help="run `python -m opcm_ext` from this folder (e.g. a `git archive` of a commit with the built "
                         "_C/_cuda modules copied into its opcm_ext/) instead of the installed package")
@@ -282,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                  repeat=a.repeat, venv=a.venv,
                  reference_modes=[m.strip() for m in a.reference_modes.split(",") if m.strip()],
                  methods=[m.strip() for m in a.methods.split(",") if m.strip()],
-                 ours_src=Path(a.ours_src).resolve() if a.ours_src else None)
+                 ours_src=Path(a.ours_src).resolve() if a.ours_src else None, peer_dtype=a.peer_dtype,
+                 spectrum=a.spectrum)
     print(format_table(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
