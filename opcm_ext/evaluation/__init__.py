@@ -3,12 +3,14 @@
 Modules (imported lazily so that the CLI stays fast to start):
 - ``metrics``: ACC, BWT, per-step seen-task accuracy, mean ± std.
 - ``runner``: ``make_orders``, ``run_method``, ``run_experiment`` (merges via ``opcm_ext.merge_stream``).
-- ``heads``: zero-shot heads from a full CLIP model (paper templates per task).
+- ``prompts``: FusionBench's curated class names and templates of the paper's 20 tasks (shipped
+  as data, checked against each test set's class count), precomputed head files.
+- ``heads``: zero-shot heads from a full CLIP model's text tower.
 - ``datasets``: ImageFolder / ``save_to_disk`` test sets, CLIP preprocessing.
 - ``clip_eval``: batched accuracy of a CLIP vision checkpoint with a fixed head.
 - ``reproduce``: the paper's Table 1 from local public checkpoints and test sets.
 - ``report``: save/load reports, the Table-1-style text table.
-- ``cli``: the ``demo``, ``eval``, ``reproduce`` and ``plot`` subcommands.
+- ``cli``: the ``demo``, ``eval``, ``reproduce``, ``heads`` and ``plot`` subcommands.
 """
 
 from __future__ import annotations
