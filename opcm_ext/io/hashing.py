@@ -56,7 +56,7 @@ _log = logging.getLogger(__name__)
 
 _PREFIX = "blake3:"
 _TAG = b"opcm-ext content v1\x00"  # domain separation: a future framing gets a new tag
-_CHUNK = 64 << 20  # bytes read and hashed at a time: bounds the memory of hashing a checkpoint
+_CHUNK = 16 << 20  # bytes read and hashed at a time: bounds the memory of hashing (below the smallest budgets)
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _CACHE_ENTRIES = 1000
 
