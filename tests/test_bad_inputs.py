@@ -419,7 +419,7 @@ CASES = [
     pytest.param(Case(nan_in_merged, E.NonFiniteError, r"tensor \S+ in the merged checkpoint .*merged holds NaN or Inf"), id="nan-in-merged"),
     # identity and merge state
     pytest.param(Case(wrong_base, E.IncompatibleCheckpointError, r"merged was made from base 'base' \(hash blake3:[0-9a-f]+\), but the given base .*other_base has hash"), id="wrong-base"),
-    pytest.param(Case(duplicate_model, E.MergeStateError, r"task1_again was already merged at step 1 \(as 'task1', same content hash\).*--allow-duplicate"), id="duplicate-model"),
+    pytest.param(Case(duplicate_model, E.DuplicateModelError, r"task1_again was already merged at step 1 \(as 'task1', same content hash\).*--allow-duplicate"), id="duplicate-model"),
     pytest.param(Case(merged_without_state, E.MergeStateError, r"task2 carries no opcm-ext merge state"), id="merged-without-state"),
     # unsupported or corrupt files
     pytest.param(Case(bad_header_length, E.CheckpointError, r"task3/model\.safetensors: header length 1099511627776 is larger than the rest of the file.*re-download"), id="corrupt-header-length"),
