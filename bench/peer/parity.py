@@ -52,13 +52,14 @@ def peer_python(venv: str | Path | None = None) -> Path:
     return root / "bin" / "python"
 
 
-def _decaying_spectra(folder: Path, model, models: list[Path], decay: float, seed: int) -> None:
-    """Give every Linear weight's task vector singular values decaying as ``decay**i`` (same Frobenius norm).
+def _decaying_spectra(folder: Path, model, models: list[Path], seed: int) -> None:
+    """Give every Linear weight's task vector evenly spaced singular values from 1 down to 0.1 (same Frobenius norm).
 
-    Gaussian task vectors have singular values packed closer than 1 % near OPCM's split rank, so which
-    directions fall in the zeroed ``P[:r, :r]`` block moves with the last bit of the inputs (a float32
-    rounding of θ(t−1) shifts a 768x768 layer's result by up to ~1e-3). Fine-tuned task vectors have
-    decaying spectra; with them the comparison measures the algorithm, not the conditioning.
+    Gaussian task vectors have some singular values closer than 1e-5 of each other; which directions
+    fall in OPCM's zeroed ``P[:r, :r]`` block (and which diagonal entries are zeroed) then moves with
+    the last bit of the inputs: a float32 rounding of θ(t−1) shifts such a 768x768 layer by ~1e-3.
+    Evenly spaced values keep every gap >= 1.2e-3 of σ1 and the smallest one far above the
+    rank-deficiency tolerance, so the comparison measures the algorithm, not the conditioning.
     """
     import helpers
     from safetensors.torch import load_file, save_file
@@ -76,7 +77,7 @@ def _decaying_spectra(folder: Path, model, models: list[Path], decay: float, see
             q = min(m, n)
             U = torch.linalg.qr(torch.randn(m, q, generator=g, dtype=torch.float64))[0]
             V = torch.linalg.qr(torch.randn(n, q, generator=g, dtype=torch.float64))[0]
-            s = decay ** torch.arange(q, dtype=torch.float64)
+            s = torch.linspace(1.0, 0.1, q, dtype=torch.float64)
             new = (U * s) @ V.mT
             sd[k] = (base[k].double() + new * (tau.norm() / new.norm())).float().contiguous()
         save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -87,7 +88,7 @@ def make_checkpoints(root: Path, shapes: str, n: int, seed: int = 0, spectrum: s
     """Base + n fine-tuned CLIP vision checkpoints with transformers-4 key names (reused if present).
 
     ``spectrum``: "random" keeps Gaussian task vectors (tests/helpers.make_family); "decaying" (default)
-    gives the Linear weights' task vectors singular values 0.97**i (see ``_decaying_spectra``).
+    gives the Linear weights' task vectors evenly spaced singular values 1 .. 0.1 (``_decaying_spectra``).
     """
     import helpers
 
@@ -97,7 +98,7 @@ def make_checkpoints(root: Path, shapes: str, n: int, seed: int = 0, spectrum: s
     if not all((p / "model.safetensors").exists() for p in paths):
         _, model = helpers.make_family(folder, cfg, "CLIPVisionModel", n, seed=seed, prefix=PREFIX)
         if spectrum == "decaying":
-            _decaying_spectra(folder, model, paths[1:], 0.97, seed)
+            _decaying_spectra(folder, model, paths[1:], seed)
     return paths[0], paths[1:]
 
 
@@ -329,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", default=None, help="FusionBench's venv (default $OPCM_PEER_VENV or .venv-peer)")
     p.add_argument("--json", default=None, help="write the full result (per-tensor rows too) here")
     p.add_argument("--spectrum", choices=["decaying", "random"], default="decaying",
-                   help="task vectors of the Linear weights: singular values 0.97**i (default; well conditioned "
-                        "like fine-tuned ones) or Gaussian (split rank ill-conditioned: ~1e-3 on a few layers)")
+                   help="task vectors of the Linear weights: evenly spaced singular values 1 .. 0.1 (default; well "
+                        "conditioned) or Gaussian (near-equal singular values: ~1e-3 on a few layers)")
     p.add_argument("--peer-dtype", choices=["float32", "float64"], default="float32",
                    help="FusionBench's precision: float32 is what it runs; float64 removes its rounding (fp32 "
                         "SVDs, fp32 whole-model norms) and leaves only the semantic differences")
