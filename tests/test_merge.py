@@ -203,6 +203,29 @@ def test_llama_sharded(tmp_path):
     LlamaForCausalLM.from_pretrained(out)
 
 
+def test_a_one_shard_index_stays_loadable(tmp_path):
+    """A checkpoint saved as one shard behind an index (model-00001-of-00001.safetensors): the output
+    keeps the shard's name, so it needs the index for from_pretrained to find it."""
+    paths, _ = make_family(tmp_path, tiny_llama_config(), "LlamaForCausalLM", 2, seed=3, max_shard_size="5GB")
+    for p in paths:  # save_pretrained wrote model.safetensors: rename it as a one-shard hub checkpoint does
+        (p / "model.safetensors").rename(p / "model-00001-of-00001.safetensors")
+        keys = list(load_folder_file(p / "model-00001-of-00001.safetensors"))
+        (p / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    opcm_ext.merge_sequence(paths[0], paths[1:], tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def load_folder_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.keys()
+
+
 def test_bare_safetensors_files(clip_family, tmp_path):
     paths, _, ref_outs, _ = clip_family
     files = [p / "model.safetensors" for p in paths[:4]]

@@ -405,6 +405,7 @@ class OutputTransaction:
             tmp,
             layout,
             metadata,
+            index=None if self.kind == "folder" else False,
             _disk_full_note=(
                 f"; nothing was changed ({self.out_path} is as before, the temporary output is "
                 "removed). Free some disk space and retry."

@@ -32,7 +32,7 @@ from ._fs import (
     pwrite_block,
     tensor_bytes,
 )
-from .dtypes import DTYPES, SAFE_WEIGHTS_INDEX_NAME, dtype_to_str
+from .dtypes import DTYPES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_to_str
 
 __all__ = ["SafetensorsWriter", "WriteTargets", "TensorTarget", "write_into", "LayoutSpec"]
 
@@ -137,6 +137,7 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         index_name: str = SAFE_WEIGHTS_INDEX_NAME,
+        index: bool | None = None,
         _disk_full_note: str = "",
     ) -> None:
         self.directory = Path(directory)
@@ -156,7 +157,11 @@ class SafetensorsWriter:
         self._index: Path | None = None
         self._created: list[Path] = []
         headers = self._lay_out(layout, md)
-        if len(self._paths) > 1:
+        # An index when there are several shards, or one not called model.safetensors (from_pretrained
+        # finds it only through an index); index=False: never (a bare .safetensors output).
+        if index is None:
+            index = len(self._paths) > 1 or (len(self._paths) == 1 and self._paths[0].name != SAFE_WEIGHTS_NAME)
+        if index:
             self._index = self.directory / plain_name(index_name, "index file name")
         if not self._paths:
             raise ValueError("the layout names no shard file")
@@ -215,7 +220,7 @@ class SafetensorsWriter:
 
     @property
     def files(self) -> list[Path]:
-        """The shard files (and the index, when there are several shards)."""
+        """The shard files (and the index, when there is one)."""
         return self._paths + ([self._index] if self._index is not None else [])
 
     @property
