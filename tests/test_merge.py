@@ -274,3 +274,26 @@ def test_vit_b32_shapes(tmp_path):
     reps = opcm_ext.merge_sequence(paths[0], paths[1:], tmp_path / "m", memory_budget="512MiB")
     assert reps[-1].tensors["projected"] == 72
     assert_close_dicts(load_folder(tmp_path / "m"), ref_outs[-1], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["duplicate", "wrong-base"])
+def test_identity_is_refused_before_any_pass(clip_family, tmp_path, monkeypatch, case):
+    """A duplicate model or a wrong base is refused before the engine runs a single pass (no SVD, no read of
+    the tensors beyond hashing): the check uses the content hashes, which come first."""
+    import opcm_ext.api as api
+    from opcm_ext.errors import DuplicateModelError, IncompatibleCheckpointError
+
+    paths, _, _, _ = clip_family
+    out = tmp_path / "m"
+    opcm_ext.merge_sequence(paths[0], paths[1:3], out)
+
+    def no_step(job):
+        raise AssertionError("the engine ran a step")
+
+    monkeypatch.setattr(api, "run_step", no_step)
+    if case == "duplicate":
+        with pytest.raises(DuplicateModelError):
+            opcm_ext.merge_stream(paths[0], out, paths[1])
+    else:
+        with pytest.raises(IncompatibleCheckpointError, match="made from base"):
+            opcm_ext.merge_stream(paths[3], out, paths[4])
