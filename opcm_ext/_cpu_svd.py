@@ -38,10 +38,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_svd_pool_after_fork)
 
 
-def _svd_workers(batch: int) -> int:
+def svd_workers() -> int:
+    """Matrices decomposed side by side: ``OPCM_SVD_WORKERS``, else torch's thread count."""
     env = os.environ.get("OPCM_SVD_WORKERS", "")
-    n = int(env) if env.strip() else torch.get_num_threads()
-    return max(1, min(n, batch))
+    return max(1, int(env) if env.strip() else torch.get_num_threads())
+
+
+def _svd_workers(batch: int) -> int:
+    return max(1, min(svd_workers(), batch))
 
 
 def _gram_block_rows(k: int) -> int:

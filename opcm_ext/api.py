@@ -344,7 +344,8 @@ def merge_stream(
         if sel.device.type == "cuda":
             work_budget = _gpu_budget(gpu_memory_budget, sel.device)
             stage = budget
-        plan = make_plan(classification, infos, work_budget, m, stage_budget=stage)
+        plan = make_plan(classification, infos, work_budget, m, stage_budget=stage,
+                         batch_multiple=ops.svd_parallelism(sel.device) if sel.native else 1)
 
         floating = kept_shapes(classification, like)
         keep_bytes = 4 * sum(_numel(s) for s in floating.values()) if any(p.keep for p in m.passes()) else 0

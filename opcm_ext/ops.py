@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from . import _native
-from ._cpu_svd import svd_workspace_bytes, thin_svd_cpu
+from ._cpu_svd import svd_workers, svd_workspace_bytes, thin_svd_cpu
 from .errors import BackendError, ConfigError
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "sumsq",
     "svd_workspace_bytes",
     "device_svd_workspace_bytes",
+    "svd_parallelism",
 ]
 
 #: dtype codes understood by the kernels of ``_C`` and ``_cuda`` (csrc/common/dtype.h).
@@ -407,6 +408,11 @@ def sumsq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- SVD
+def svd_parallelism(device: torch.device) -> int:
+    """How many matrices of a batch the native thin SVD decomposes side by side on ``device``."""
+    return svd_workers() if torch.device(device).type == "cpu" else 1
+
+
 def device_svd_workspace_bytes(m: int, n: int, batch: int, device: str | torch.device | None = None) -> int:
     """Device bytes a CUDA thin_svd of `batch` m x n matrices needs beyond its inputs and outputs.
 

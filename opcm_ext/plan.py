@@ -378,6 +378,7 @@ def make_plan(
     model: CostModel,
     *,
     stage_budget: int | None = None,
+    batch_multiple: int = 1,
 ) -> Plan:
     """Group the non-carried tensors so that each group's working set fits half the budget.
 
@@ -386,8 +387,10 @@ def make_plan(
     into row blocks for the element-wise passes, and a projected matrix is streamed in blocks
     along its long side for the SVD pass (working set O(min(m, n)²) plus a block). Half the
     budget per group leaves room for the next group's prefetch. ``stage_budget`` also bounds
-    each group's stored inputs (the pinned staging buffers of a GPU step). A budget too small
-    for some tensor is a ConfigError naming the smallest budget that works.
+    each group's stored inputs (the pinned staging buffers of a GPU step). ``batch_multiple``:
+    a projected group the budget cuts short holds a multiple of this many matrices (the SVD
+    workers that decompose a batch side by side), so no worker idles at the end of a batch. A
+    budget too small for some tensor is a ConfigError naming the smallest budget that works.
     """
     limit = max(budget // 2, 1)
     in_limit = max(stage_budget // 2, 1) if stage_budget else None
@@ -441,7 +444,7 @@ def make_plan(
             f"{_fmt(need[0])}); use --memory-budget {_fmt_up(need[0])} or more."
         )
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):
-        _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit)
+        _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit, batch_multiple if model.projects else 1)
     _pack(groups, Kind.AVERAGED, whole, costs, inputs, limit, in_limit)
     return Plan(groups=groups + rest, streamed=streamed, budget=budget)
 
@@ -455,18 +458,20 @@ def _stream(key: str, shape: tuple[int, ...], isz: int, limit: int, model: CostM
 
 
 def _pack(groups: list[Group], kind: Kind, keys: list[str], costs: dict[str, int], inputs: dict[str, int],
-          limit: int, in_limit: int | None) -> None:
-    cur: list[str] = []
-    cur_cost = cur_in = 0
-    for k in keys:
-        if cur and (cur_cost + costs[k] > limit or (in_limit is not None and cur_in + inputs[k] > in_limit)):
-            groups.append(Group(kind, tuple(cur), cur_cost, cur_in))
-            cur, cur_cost, cur_in = [], 0, 0
-        cur.append(k)
-        cur_cost += costs[k]
-        cur_in += inputs[k]
-    if cur:
-        groups.append(Group(kind, tuple(cur), cur_cost, cur_in))
+          limit: int, in_limit: int | None, multiple: int = 1) -> None:
+    todo = list(keys)
+    while todo:
+        n = cost = inp = 0
+        while n < len(todo) and (n == 0 or (cost + costs[todo[n]] <= limit and
+                                           (in_limit is None or inp + inputs[todo[n]] <= in_limit))):
+            cost += costs[todo[n]]
+            inp += inputs[todo[n]]
+            n += 1
+        if n < len(todo) and n >= multiple:  # cut short by the budget: a whole number of rounds per worker
+            n -= n % multiple
+        cur, todo = todo[:n], todo[n:]
+        groups.append(Group(kind, tuple(cur), sum(costs[k] for k in cur), sum(inputs[k] for k in cur)))
+
 
 def _fmt(n: int) -> str:
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):

@@ -192,3 +192,25 @@ def test_tinyllama_shapes_fit_512_mib():
                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
     plan = _plan_for(cfg, "LlamaForCausalLM", torch.bfloat16, "512MiB")
     assert "lm_head.weight" in plan.streamed and plan.peak <= 512 << 20
+
+
+def test_budget_cut_projected_groups_are_a_multiple_of_the_svd_workers():
+    """Three same-shape matrices fit a group but two workers would idle half of the last round: two it is."""
+    from opcm_ext.plan import Classification, Kind, make_plan
+
+    class Cost:
+        projects = True
+
+        def cost(self, kind, shape, isz):
+            return 100
+
+        def stream_cost(self, shape, isz, rows):
+            return 1000 + rows
+
+    kinds = {f"w{i}": Kind.PROJECTED for i in range(7)}
+    infos = {k: ((8, 8), 12) for k in kinds}
+    cls = Classification(kinds=kinds, source="test")
+    sizes = [len(g.keys) for g in make_plan(cls, infos, 700, Cost(), batch_multiple=2).groups]
+    assert sizes == [2, 2, 2, 1]  # 3 would fit the 350-byte half budget; the rest comes last
+    assert [len(g.keys) for g in make_plan(cls, infos, 700, Cost()).groups] == [3, 3, 1]
+    assert [len(g.keys) for g in make_plan(cls, infos, 10_000, Cost(), batch_multiple=2).groups] == [7]
