@@ -91,6 +91,8 @@ def test_paper_lambda_by_task_count():
         assert params["task_arithmetic"] == {"lam": lam} and params["ties"] == {"lam": lam, "keep": 0.2}
         assert params["opcm"] == {"alpha": 0.5} and params["average"] == {}
     assert paper_methods(20, ["ties"], lam=0.25) == {"ties": {"lam": 0.25, "keep": 0.2}}
+    assert paper_methods(8, ["opcm", "ties"], compat="release") == {"opcm": {"alpha": 0.5, "compat": "release"},
+                                                                  "ties": {"lam": 0.3, "keep": 0.2}}
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError):
             paper_methods(8, lam=bad)

@@ -71,8 +71,10 @@ def paper_lambda(num_tasks: int) -> float:
     return PAPER_LAMBDA.get(num_tasks, 0.3 if num_tasks <= 8 else 0.1)
 
 
-def paper_methods(num_tasks: int, methods: Sequence[str] | None = None, lam: float | None = None) -> dict[str, dict]:
-    """Each method's parameters for a Table-1 run: the defaults, with λ by task count (or ``lam``) for TA and TIES."""
+def paper_methods(num_tasks: int, methods: Sequence[str] | None = None, lam: float | None = None,
+                  compat: str | None = None) -> dict[str, dict]:
+    """Each method's parameters for a Table-1 run: the defaults, with λ by task count (or ``lam``) for TA and
+    TIES, and OPCM's ``compat`` mode when given (``release``: the code behind the paper's Table 1)."""
     import math
 
     from opcm_ext.evaluation.runner import DEFAULT_METHODS
@@ -84,7 +86,10 @@ def paper_methods(num_tasks: int, methods: Sequence[str] | None = None, lam: flo
     unknown = [m for m in names if m not in DEFAULT_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)}")
-    return {m: {**DEFAULT_METHODS[m], **({"lam": value} if "lam" in DEFAULT_METHODS[m] else {})} for m in names}
+    out = {m: {**DEFAULT_METHODS[m], **({"lam": value} if "lam" in DEFAULT_METHODS[m] else {})} for m in names}
+    if compat is not None and "opcm" in out:
+        out["opcm"]["compat"] = compat
+    return out
 
 
 def _spellings(task: str) -> list[str]:
@@ -290,7 +295,8 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
                   batch_size: int = 128, workers: int = 0, max_examples: int | None = None,
                   cache_dir: str | Path | None = None, keep_dir: str | Path | None = None,
                   work_dir: str | Path | None = None, progress: bool = True, split: str = "test",
-                  lam: float | None = None, class_names: str = "fusionbench", heads: str | Path | None = None) -> dict:
+                  lam: float | None = None, class_names: str = "fusionbench", heads: str | Path | None = None,
+                  compat: str | None = None) -> dict:
     """Table 1 for one model and task set: every method over ``num_orders`` seeded orders; returns the report.
 
     ``lam`` (default: the paper's, by task count) scales continual Task Arithmetic and TIES alike.
@@ -298,7 +304,7 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
     from opcm_ext.evaluation.runner import run_experiment
 
     names = resolve_tasks(tasks)
-    method_params = paper_methods(len(names), methods, lam)
+    method_params = paper_methods(len(names), methods, lam, compat)
     clip_dir, models, data = find_inputs(checkpoints, datasets, names, model_name=model_name, base=base, split=split)
     with tempfile.TemporaryDirectory(prefix="opcm-reproduce-", dir=work_dir) as tmp:
         # Preprocessed test sets are memmapped on disk (ViT-B/32's eight test sets are ~13 GB as
