@@ -1,4 +1,4 @@
-"""The pure-torch reference (python/opcm_ref) against ../shared/SPEC.md.
+"""The pure-torch reference (python/opcm_ref) against docs/algorithm.md.
 
 Small random "models" (dicts of tensors): Linear-like 2-D projected weights
 (square, tall, wide), biases, a LayerNorm-like vector, and an int64 buffer
@@ -76,7 +76,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def cheap_form_fp64(M: torch.Tensor, T: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SPEC "Cheap exact form" in float64 with the thin SVD (independent check)."""
+    """docs/algorithm.md, "The thin form used in practice", in float64 with the thin SVD (independent check)."""
     M, T = M.double(), T.double()
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     V = Vh.mT

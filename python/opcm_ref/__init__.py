@@ -1,4 +1,4 @@
-"""Pure-torch reference (oracle) for ../shared/SPEC.md: whole models, plain code.
+"""Pure-torch reference (oracle) for docs/algorithm.md: whole models, plain code.
 
 Imported by tests and benchmarks (after `sys.path.insert(0, "<repo>/python")`);
 the product `opcm_ext` never imports it.

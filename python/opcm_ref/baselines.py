@@ -1,4 +1,4 @@
-"""SPEC "Continual baselines": Task Arithmetic, TIES-Merging, averaging (SWA)."""
+"""docs/algorithm.md, "The continual baselines": Task Arithmetic, TIES-Merging, averaging (SWA)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tensor classes of SPEC "Tensor classes": projected, averaged, carried."""
+"""Tensor classes of docs/algorithm.md, "Tensor classes": projected, averaged, carried."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def classify_by_module(
     dotted suffix (either side may carry an extra prefix such as
     `vision_model.`); an ambiguous match must agree on the kind.
     """
-    # SPEC: "Classification must come from the module types, not from the name
-    # alone". A model tensor is projected iff it is the 2-D `weight` of a
+    # docs/algorithm.md, "Tensor classes": the class comes from the module types, not from
+    # names. A model tensor is projected iff it is the 2-D `weight` of a
     # torch.nn.Linear (transformers' Conv1D counts as a Linear).
     linear = _linear_types()
     model_kind: dict[str, tuple[bool, bool]] = {}  # name -> (projected, floating)

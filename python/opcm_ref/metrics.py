@@ -1,4 +1,4 @@
-"""SPEC "Metrics": ACC and BWT from an accuracy matrix."""
+"""docs/algorithm.md, "Metrics": ACC and BWT from an accuracy matrix."""
 
 from __future__ import annotations
 

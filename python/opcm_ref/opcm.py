@@ -1,9 +1,9 @@
-"""OPCM, written to mirror ../shared/SPEC.md "OPCM step" line by line.
+"""OPCM, written to mirror docs/algorithm.md "One OPCM step" line by line.
 
 Plain on purpose: whole checkpoints in memory, FULL SVD (m x m U, n x n V),
 float32 arithmetic. This is the oracle the fast paths are tested against.
 
-Compatibility modes (``compat=``), SPEC "Where FusionBench's code differs":
+Compatibility modes (``compat=``), docs/algorithm.md, "Where FusionBench's OPCM differs":
 - ``"paper"`` (default): the paper's math, every floating tensor merged.
 - ``"fusionbench"``: as FusionBench's OPCM (fusion-bench 0.2.33,
   ``fusion_bench/method/opcm/opcm_general.py``) behaves. It merges module by
@@ -39,7 +39,7 @@ __all__ = ["COMPAT_MODES", "split_rank", "drop_tolerance", "project", "OPCMRef",
 
 _EPS32 = torch.finfo(torch.float32).eps
 
-# "paper": SPEC's math; "fusionbench": FusionBench's current OPCM; "release": the
+# "paper": the math of docs/algorithm.md; "fusionbench": FusionBench's current OPCM; "release": the
 # code release behind the paper's Table 1 (FusionBench before 2025-03-18).
 COMPAT_MODES = ("paper", "fusionbench", "release")
 
@@ -52,7 +52,7 @@ def _check_compat(compat: str) -> str:
 
 def split_rank(S: torch.Tensor, alpha: float) -> int:
     """First 0-based k with cumsum(S)[k] / sum(S) > alpha; 0 when none qualifies."""
-    # SPEC: Split rank `r` = the first 0-based index `k` where
+    # docs/algorithm.md: the split rank `r` = the first 0-based index `k` where
     # `cumsum(S)[k] / sum(S) > α`; if no index qualifies (e.g. `M = 0`), `r = 0`.
     # Computed in float64 with sum(S) taken as the last cumulative sum, so the
     # last ratio is exactly 1 and alpha >= 1 always gives r = 0 (in float32 the
@@ -69,7 +69,7 @@ def split_rank(S: torch.Tensor, alpha: float) -> int:
 
 
 def drop_tolerance(S: torch.Tensor, m: int, n: int) -> float:
-    """Singular values at or below this count as zero (SPEC "Degenerate cases")."""
+    """Singular values at or below this count as zero (docs/algorithm.md, "Degenerate cases")."""
     # Deviation from the published code, documented in the spec: triplets with
     # σ <= σ1 · max(m, n) · eps(float32) are dropped.
     if S.numel() == 0:
@@ -79,7 +79,7 @@ def drop_tolerance(S: torch.Tensor, m: int, n: int) -> float:
 
 def project(M: torch.Tensor, T: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float64, *,
             zero_diagonal: bool = True) -> torch.Tensor:
-    """T' of one projected tensor: SPEC "OPCM step" with the full SVD.
+    """T' of one projected tensor: docs/algorithm.md, "One OPCM step", with the full SVD.
 
     ``zero_diagonal=False`` skips ``P[i, i] = 0`` (compat ``"release"``); ``P[:r, :r] = 0``
     is applied either way.

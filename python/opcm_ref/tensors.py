@@ -32,7 +32,7 @@ def floating_keys(state_dict: StateDict) -> list[str]:
 
 def flat_norm(state_dict: StateDict) -> float:
     """2-norm of all floating tensors flattened together, accumulated in float64."""
-    # SPEC "Terms": `‖·‖` on a whole checkpoint is the 2-norm of all
+    # docs/algorithm.md, "Notation": `‖·‖` on a whole checkpoint is the 2-norm of all
     # floating-point tensors flattened together.
     total = 0.0
     for k in sorted(state_dict):
@@ -44,7 +44,7 @@ def flat_norm(state_dict: StateDict) -> float:
 
 def task_vector(base: StateDict, model: StateDict) -> dict[str, torch.Tensor]:
     """fp32 task vector `model - base` of every floating tensor."""
-    # SPEC "Terms": task vector `τt = θt − θ0`, taken tensor by tensor.
+    # docs/algorithm.md, "Notation": task vector `τt = θt − θ0`, taken tensor by tensor.
     return {k: model[k].float() - base[k].float() for k in floating_keys(base)}
 
 
