@@ -140,7 +140,8 @@ class Worker:
     # -- reading ------------------------------------------------------------------------------
     def fetch(self, reads: tuple[str, ...], group: Group, slot: int = 0) -> dict[str, list[torch.Tensor]]:
         """The stored tensors of ``group`` for each role in ``reads`` (CPU; pinned staging on CUDA)."""
-        staging = self._staging(slot, group.input_bytes) if self.device.type == "cuda" else None
+        pad = 64 * (len(reads) * len(group.keys) + 1)  # each view starts 64-byte aligned
+        staging = self._staging(slot, group.input_bytes + pad) if self.device.type == "cuda" else None
         off = 0
         out: dict[str, list[torch.Tensor]] = {}
         for role in reads:
@@ -165,10 +166,9 @@ class Worker:
         ev = self._events.pop(slot, None)
         if ev is not None:
             ev.synchronize()
-        need = nbytes + 64 * 64
         buf = self._pinned.get(slot)
-        if buf is None or buf.numel() < need:
-            buf = self._pinned[slot] = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._pinned[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         return buf
 
     def to_device(self, p: Pass, data: dict[str, list[torch.Tensor]], slot: int = 0) -> dict[str, list[torch.Tensor]]:
