@@ -89,9 +89,9 @@ def child(argv: list[str]) -> dict:
     # Task Arithmetic continues the OPCM merge (same reads and writes): allow the change of method.
     options: dict = dict(device="cpu", memory_budget=budget, method=method, allow_param_change=True)
     if executor.startswith("ray:"):
-        import ray
+        from opcm_ext.executors.ray import init_ray
 
-        ray.init(num_cpus=int(executor[4:]), include_dashboard=False, log_to_driver=False,
+        init_ray(num_cpus=int(executor[4:]), include_dashboard=False, log_to_driver=False,
                  object_store_memory=128 << 20)
         options["executor"] = "ray"
     small = family(min(_ints("OPCM_BENCH_WIDTHS", "512,1024,2048,4096")), depth)

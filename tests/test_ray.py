@@ -20,7 +20,7 @@ from helpers import (build_model, make_family, run_cli, snapshot, temporaries, t
 
 import opcm_ext
 from opcm_ext.errors import BackendError, CheckpointError, ConfigError
-from opcm_ext.executors.ray import RayExecutor, _chunks, _parse_fault, _replay, _taped
+from opcm_ext.executors.ray import RayExecutor, init_ray, _chunks, _parse_fault, _replay, _taped
 from opcm_ext.methods.base import ScanSums
 from opcm_ext.plan import Group, Kind, Streamed
 
@@ -31,7 +31,7 @@ METHODS = {"opcm": {"alpha": 0.5}, "task_arithmetic": {"lam": 0.3}, "ties": {"la
 def ray_instance():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
+        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
     yield ray
     ray.shutdown()
 

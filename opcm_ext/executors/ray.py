@@ -298,6 +298,23 @@ def _chunks(units: list[Group | Streamed], slots: int) -> list[tuple[int, int]]:
     return out
 
 
+def init_ray(**options: Any) -> Any:
+    """``ray.init(**options)``, started so that Ray's workers import the package this process imported.
+
+    Ray puts the driver's current directory at the front of every worker's ``sys.path``. Run from a
+    source checkout while the package is installed elsewhere (``pip install .``), the workers would
+    import the checkout's ``opcm_ext`` folder, which has no compiled modules. Ray is therefore
+    initialised from the folder that holds the imported package: the workers find the same one.
+    """
+    ray = _ray()
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # above opcm_ext/
+    try:
+        return ray.init(**options)
+    finally:
+        os.chdir(here)
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -330,9 +347,9 @@ class RayExecutor:
             try:
                 if self.address:
                     _probe(self.address)
-                    ray.init(address=self.address, **opts)
+                    init_ray(address=self.address, **opts)
                 else:
-                    ray.init(num_cpus=len(os.sched_getaffinity(0)), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **opts)
+                    init_ray(num_cpus=len(os.sched_getaffinity(0)), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **opts)
             except (OSError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise ConfigError(f"cannot start or join {where}: {e}. Start a cluster with `ray start --head` "
