@@ -441,7 +441,7 @@ def make_plan(
     if need[0] > budget:
         raise ConfigError(
             f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
-            f"{_fmt(need[0])}); use --memory-budget {_fmt_up(need[0])} or more."
+            f"{_fmt_up(need[0])}); use --memory-budget {_fmt_up(need[0])} or more."
         )
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):
         _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit, batch_multiple if model.projects else 1)
