@@ -7,7 +7,7 @@ Run (minutes; only on a quiet machine, the figures are wall times):
 It writes ``bench/results-scaling-<date>.json`` and ``bench/scaling.png`` (``OPCM_BENCH_OUT=DIR``
 writes them elsewhere). Sizes come from the environment: ``OPCM_BENCH_WIDTHS`` (default
 512,1024,2048,4096), ``OPCM_BENCH_DEPTH`` (2), ``OPCM_BENCH_WORKERS`` (1,2), ``OPCM_BENCH_BUDGET``
-(1GiB, the default budget: at 4096 it streams the SVDs block by block).
+(2GiB: at width 4096 the SVDs stream block by block; a 4096 x 4096 matrix needs at least 1.3 GiB).
 
 Model: a plain stack of DEPTH square linear layers (``layers.i.weight`` H x H and its bias), fp32,
 one file per checkpoint, no config.json (the fallback rule projects every weight). The step
@@ -171,7 +171,7 @@ def test_scaling_with_width_and_workers():
     widths = _ints("OPCM_BENCH_WIDTHS", "512,1024,2048,4096")
     depth = _ints("OPCM_BENCH_DEPTH", "2")[0]
     workers = _ints("OPCM_BENCH_WORKERS", "1,2")
-    budget = os.environ.get("OPCM_BENCH_BUDGET", "1GiB")
+    budget = os.environ.get("OPCM_BENCH_BUDGET", "2GiB")
     out = Path(os.environ.get("OPCM_BENCH_OUT", REPO / "bench"))
     results = []
     for w in widths:
