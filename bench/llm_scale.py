@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # a script: the reference beside it
 import opcm_ref  # noqa: E402
+from measure import emit_json  # noqa: E402  (bench/, this script's folder)
 
 BF16_TOL = 1.6e-2  # the README's tolerance for bf16 checkpoints (rounding of the output dtype)
 
@@ -99,7 +100,8 @@ def hash_key(k: str) -> int:
 
 
 class Folder:
-    """Tensors of a sharded folder, one at a time."""
+    """Tensors of a sharded folder, one at a time, read with safetensors itself: the check does not
+    trust opcm_ext's own reader (io.CheckpointReader) with the files it is checking."""
 
     def __init__(self, p: Path) -> None:
         index = p / "model.safetensors.index.json"
@@ -273,10 +275,7 @@ def main() -> None:
                                      "within_tolerance": chk["max"] <= BF16_TOL}
         for old in outs[:-1]:
             shutil.rmtree(old, ignore_errors=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    emit_json(result, a.json)
 
 
 if __name__ == "__main__":

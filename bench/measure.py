@@ -21,6 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def emit_json(result: dict, path: str | None) -> None:
+    """Print a benchmark's result as indented JSON, and write it to ``path`` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["stream", "reference", "ties"])

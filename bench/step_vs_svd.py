@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from measure import emit_json  # bench/, this script's folder
+
 REPO = Path(__file__).resolve().parents[1]
 
 SVD_ALONE = r"""
@@ -95,10 +97,7 @@ def main() -> None:
         "ratio_step_process_to_svd_alone": best["process_s"] / svd["svd_s"],
         "ratio_duplicate_to_step_process": dup_wall / best["process_s"],
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    emit_json(result, a.json)
 
 
 if __name__ == "__main__":

@@ -439,9 +439,10 @@ def make_plan(
             r1 = min(n, r0 + rows)
             rest.append(Group(classification.kinds[k], (k,), row_cost * (r1 - r0), row_in * (r1 - r0), (r0, r1)))
     if need[0] > budget:
+        least = _fmt_up(need[0])
         raise ConfigError(
             f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
-            f"{_fmt_up(need[0])}); use --memory-budget {_fmt_up(need[0])} or more."
+            f"{least}); use --memory-budget {least} or more."
         )
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):
         _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit, batch_multiple if model.projects else 1)
