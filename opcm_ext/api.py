@@ -338,6 +338,7 @@ def merge_stream(
         for note in classification.notes:
             log.info(note)
         setup.info.nonleaf = frozenset(classification.nonleaf)
+        setup.info.shapes = {k: tuple(ref.info(k).shape) for k in ref.keys()}
         infos = {k: (tuple(ref.info(k).shape), sum(r.info(k).dtype.itemsize for r in readers.values())) for k in ref.keys()}
         stage = None
         work_budget = budget

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import _faults
-from .errors import NonFiniteError
+from .errors import ConfigError, NonFiniteError
 from .memory import tune_malloc
 from .methods.base import Batch, BlockSource, Method, Pass, ScanSums, StepInfo, Sums
 from .plan import Classification, Group, Kind, Plan, Streamed
@@ -190,7 +190,7 @@ class Worker:
                 self._write(k, t, group.rows)
             return
         dtypes = tuple(self.like.info(k).dtype for k in group.keys)
-        batch = Batch(group.kind, group.keys, data, dtypes, self.ops, scan=scan)
+        batch = Batch(group.kind, group.keys, data, dtypes, self.ops, scan=scan, rows=group.rows)
         if scan is not None:
             batch.deltas()  # the engine's scan: every first pass measures the task vectors
         outs = p.run(batch, sums) if p.run is not None else None
@@ -323,6 +323,9 @@ def run_step(job: StepJob) -> StepResult:
     timings: dict[str, float] = {}
     # An executor whose workers are other processes (Ray) needs the kept tensors wholly in a file they share.
     shared = getattr(executor, "needs_shared_files", False)
+    why = method.one_process()
+    if shared and why:
+        raise ConfigError(f"this executor runs the merge in several processes, but {why}; use --executor local.")
     allowance = 0 if shared else max(0, job.plan.budget - job.plan.peak)
     store = job.make_store(allowance) if any(p.keep for p in passes) else None
     worker = Worker(method, job.sources, job.like, job.ops, job.plan, store=store)

@@ -326,6 +326,11 @@ class CostModel(Protocol):
 
     def stream_cost(self, shape: tuple[int, int], itemsize_sum: int, rows: int) -> int: ...
 
+    @property
+    def streams(self) -> bool: ...
+
+    def reserved(self) -> tuple[int, str]: ...
+
 
 @dataclass(frozen=True)
 class Group:
@@ -392,7 +397,9 @@ def make_plan(
     workers that decompose a batch side by side), so no worker idles at the end of a batch. A
     budget too small for some tensor is a ConfigError naming the smallest budget that works.
     """
-    limit = max(budget // 2, 1)
+    reserve, reserved_for = getattr(model, "reserved", lambda: (0, ""))()
+    streams = getattr(model, "streams", True)
+    limit = max((budget - reserve) // 2, 1)
     in_limit = max(stage_budget // 2, 1) if stage_budget else None
     need: tuple[int, str] = (0, "")
     groups: list[Group] = []
@@ -412,6 +419,8 @@ def make_plan(
         fits = costs[k] <= limit and (in_limit is None or inputs[k] <= in_limit)
         if kind is Kind.PROJECTED and fits:
             by_shape.setdefault(tuple(shape), []).append(k)
+        elif kind is Kind.PROJECTED and model.projects and not streams:
+            need = max(need, (2 * costs[k], k))
         elif kind is Kind.PROJECTED and model.projects:
             s = _stream(k, tuple(shape), isz, limit, model)
             if s.block < min(MIN_STREAM_ROWS, max(shape)):
@@ -438,16 +447,24 @@ def make_plan(
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             rest.append(Group(classification.kinds[k], (k,), row_cost * (r1 - r0), row_in * (r1 - r0), (r0, r1)))
-    if need[0] > budget:
-        least = _fmt_up(need[0])
+    if need[0] + reserve > budget or reserve >= budget:
+        if not reserve:
+            least = _fmt_up(need[0])
+            raise ConfigError(
+                f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
+                f"{least}); use --memory-budget {least} or more."
+            )
+        largest = need  # with the reserve taking the whole budget, every tensor counts in need
+        least = _fmt_up(largest[0] + reserve)
         raise ConfigError(
-            f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
-            f"{least}); use --memory-budget {least} or more."
+            f"the memory budget {_fmt(budget)} is below what this step needs: {_fmt(reserve)} held for the whole "
+            f"step ({reserved_for}) plus {_fmt_up(largest[0])} for the largest tensor ({largest[1]}); "
+            f"use --memory-budget {least} or more."
         )
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):
         _pack(groups, Kind.PROJECTED, keys, costs, inputs, limit, in_limit, batch_multiple if model.projects else 1)
     _pack(groups, Kind.AVERAGED, whole, costs, inputs, limit, in_limit)
-    return Plan(groups=groups + rest, streamed=streamed, budget=budget)
+    return Plan(groups=groups + rest, streamed=streamed, budget=budget - reserve)
 
 
 def _stream(key: str, shape: tuple[int, ...], isz: int, limit: int, model: CostModel) -> Streamed:

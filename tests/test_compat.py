@@ -10,13 +10,14 @@ Tolerance: 1e-5 relative per tensor (fp32), as for the default mode.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 import opcm_ext
 from opcm_ext.errors import ConfigError, MergeStateError
-from helpers import assert_close_dicts, load_folder, make_family, opcm_ref, projected_keys, rel_err, run_cli, \
+from helpers import assert_close_dicts, build_model, load_folder, make_family, opcm_ref, projected_keys, rel_err, run_cli, \
     tiny_clip_vision_config
 
 from opcm_ref.classify import nonleaf_parameter_keys
@@ -88,3 +89,68 @@ def test_cli_flag_and_a_bad_mode(family, tmp_path):
     assert r.returncode == 2
     with pytest.raises(ConfigError, match="compat must be one of paper, fusionbench, release"):
         opcm_ext.merge_sequence(paths[0], paths[1:2], tmp_path / "y", compat="nope")
+
+
+# -- fusionbench/release: FusionBench's own arithmetic, byte for byte ------------------------------------------
+
+
+def _fusionbench_reference(paths, model, compat):
+    base = load_folder(paths[0])
+    proj = {"vision_model." + k for k in projected_keys(model)}
+    ref = opcm_ref.FusionBenchOPCMRef(alpha=0.5, compat=compat)
+    for p in paths[1:]:
+        want = ref.step(base, load_folder(p), proj, nonleaf_parameter_keys(model, base.keys()))
+    return want, ref
+
+
+def _assert_identical(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k].to(got[k].dtype))]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}: {rel_err(got[differ[0]], want[differ[0]]):.2e}"
+
+
+@pytest.mark.parametrize("compat", ["fusionbench", "release"])
+def test_fusionbench_modes_are_fusionbench_arithmetic_byte_for_byte(family, tmp_path, compat):
+    """float32 full SVDs, one whole-model float32 vector per norm, float32 λ: the same bytes, and the
+    state records FusionBench's own n_t and λ(t)."""
+    paths, model = family
+    out = tmp_path / "m"
+    opcm_ext.merge_sequence(paths[0], paths[1:], out, compat=compat, device="cpu")
+    want, ref = _fusionbench_reference(paths, model, compat)
+    _assert_identical(load_folder(out), want)
+    st = opcm_ext.read_state(out)
+    assert st.norms == [float(n) for n in ref.norms]
+    assert st.lam == float(ref.lam)
+
+
+def test_fusionbench_mode_at_its_smallest_budget_and_in_memory(family, tmp_path):
+    """Row blocks of the element-wise tensors (the smallest budget that plans) and the in-memory Merger give the same bytes."""
+    paths, model = family
+    want, _ = _fusionbench_reference(paths, model, "fusionbench")
+    budget, least = "64KiB", 0
+    for _ in range(3):  # step 1 (no SVD) needs less than the projecting steps: follow the refusals up
+        try:
+            out = tmp_path / f"b{budget}"
+            opcm_ext.merge_sequence(paths[0], paths[1:], out, compat="fusionbench", device="cpu", memory_budget=budget)
+            break
+        except ConfigError as e:
+            msg = e.args[0]
+            assert re.search(r"held for the whole step \(--compat fusionbench: the whole-model float32 vector", msg)
+            least = int(re.search(r"use --memory-budget (\d+)KiB or more", msg).group(1))
+            budget = f"{least}KiB"
+    assert least > 0 and budget == f"{least}KiB"
+    _assert_identical(load_folder(out), want)
+    with pytest.raises(ConfigError, match="is below what this step needs"):
+        opcm_ext.merge_sequence(paths[0], paths[1:], tmp_path / "y", compat="fusionbench",
+                                memory_budget=f"{least - 1}KiB")
+
+    def module(path):  # the Merger learns the non-leaf parameters from the module tree
+        m = build_model(tiny_clip_vision_config(), "CLIPVisionModel", 0)
+        m.load_state_dict({k.removeprefix("vision_model."): v for k, v in load_folder(path).items()})
+        return m
+
+    merger = opcm_ext.Merger(module(paths[0]), compat="fusionbench")
+    for p in paths[1:]:
+        merger.add(module(p))
+    names = {k.removeprefix("vision_model."): k for k in want}  # transformers 5 drops the prefix
+    _assert_identical({names[k]: v for k, v in merger.state_dict().items()}, want)

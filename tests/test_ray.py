@@ -223,3 +223,11 @@ def test_cli_unreachable_cluster_is_a_clear_error(family, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Ray cluster at 127.0.0.1:9" in proc.stderr and "ray start --head" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_fusionbench_compat_is_refused_under_ray(ray_instance, family, tmp_path):
+    """compat fusionbench takes its norms over one whole-model vector in one process: a clear error, nothing written."""
+    with pytest.raises(ConfigError, match=r"several processes, but --compat fusionbench .* use --executor local"):
+        opcm_ext.merge_sequence(family[0], family[1:], tmp_path / "m", compat="fusionbench", device="cpu",
+                                executor="ray")
+    assert not (tmp_path / "m").exists() and not temporaries(tmp_path)

@@ -252,7 +252,7 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
                             "fusionbench_merge_s": [p["merge_s"] for p in peer_inner],
                             "fusionbench_versions": peer_inner[-1]["versions"]}}
         if method == "opcm":
-            # SPEC P2: ‖θ(T) − θ0‖ = mean of the task-vector norms. FusionBench's float32 whole-model
+            # docs/algorithm.md, constant distance: ‖θ(T) − θ0‖ = mean of the task-vector norms. FusionBench's float32 whole-model
             # norms (torch.linalg.norm on CPU) miss it by ~1e-3 at ViT-B/32 size; this shows by how much.
             mean_norm = sum(opcm_ref.flat_norm(opcm_ref.task_vector(base_sd, m)) for m in model_sds) / n
             entry["norm_vs_mean_task_norm"] = {
@@ -303,7 +303,7 @@ def format_table(result: dict) -> str:
     for m, e in result["methods"].items():
         if "norm_vs_mean_task_norm" in e:
             d = e["norm_vs_mean_task_norm"]
-            lines.append(f"{m}: ‖θ(T) − θ0‖ / mean task-vector norm − 1 (SPEC P2: 0): FusionBench "
+            lines.append(f"{m}: ‖θ(T) − θ0‖ / mean task-vector norm − 1 (constant distance, docs/algorithm.md: 0): FusionBench "
                          f"{d['fusionbench']:+.1e}, opcm merge {d['ours']:+.1e}")
     lines.append("")
     lines.append(f"{'timing (whole processes, s)':<50} {'opcm merge':>12} {'FusionBench':>12} {'FB run() only':>14}")

@@ -138,6 +138,7 @@ class Batch:
     out_dtypes: tuple[torch.dtype, ...]
     ops: Any
     scan: ScanSums | None = None  # set by the engine in a step's first pass: deltas() adds ‖τ‖², ‖M‖² into it
+    rows: tuple[int, int] | None = None  # the row block of a one-tensor group (None: whole tensors)
     deltas_cache: tuple[list[torch.Tensor] | None, list[torch.Tensor]] | None = None
 
     def __getitem__(self, role: str) -> list[torch.Tensor]:
@@ -219,6 +220,7 @@ class StepInfo:
     tau_norm: float = math.nan  # ‖τt‖, set by the engine after the first pass
     m_norm: float = math.nan  # ‖θ(t−1) − θ0‖ (0 at t = 1)
     nonleaf: frozenset[str] = frozenset()  # floating tensors owned directly by a module with children
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor of the checkpoint (set with nonleaf)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -280,3 +282,14 @@ class Method:
     def stream_cost(self, shape: tuple[int, int], itemsize_sum: int, rows: int) -> int:
         """Working-set bytes of a projected matrix streamed in blocks of ``rows`` (long side)."""
         raise NotImplementedError(f"{self.name} does not stream projected matrices")
+
+    #: Whether a projected matrix too large to hold whole may be streamed in blocks (else the budget must fit it).
+    streams: ClassVar[bool] = True
+
+    def reserved(self) -> tuple[int, str]:
+        """Bytes the step holds for its whole duration besides the groups' working sets, and what for."""
+        return 0, ""
+
+    def one_process(self) -> str:
+        """Why this step cannot run its handlers in other processes ('' when it can)."""
+        return ""

@@ -17,6 +17,7 @@ from .. import ops
 from ..errors import InputError
 from ..plan import Kind
 from .base import Batch, BlockSource, Choice, Method, Param, Pass, Sums, _zero
+from .fusionbench import FusionBenchNumerics
 from .streamed import STREAM_FIXED_K2, project_streamed, stream_row_bytes
 
 __all__ = ["OPCM"]
@@ -45,21 +46,48 @@ class OPCM(Method):
         "alpha": Param(0.5, 0.0, 1.0, low_open=True, high_open=False,
                        help="split-rank threshold on the cumulative singular-value share"),
         "compat": Choice("paper", ("paper", "fusionbench", "release"),
-                         help="paper: the paper's math; fusionbench: as FusionBench's OPCM (parameters owned "
-                              "by non-leaf modules are never merged, only rescaled); release: also keep P's "
-                              "diagonal, as the code behind the paper's Table 1"),
+                         help="paper: the paper's math; fusionbench: FusionBench's OPCM byte for byte (parameters "
+                              "owned by non-leaf modules are never merged, only rescaled; its float32 arithmetic, "
+                              "full SVDs and whole-model norms); release: also keep P's diagonal, as the code "
+                              "behind the paper's Table 1"),
     }
     copies_first = True
 
     def begin(self, info):
         super().begin(info)
         self.step_state = OPCMStep(lam_prev=info.prev.lam if info.prev else 1.0)
+        self._fb: FusionBenchNumerics | None = None
+
+    @property
+    def fb(self) -> FusionBenchNumerics | None:
+        """FusionBench's arithmetic (compat fusionbench/release), built once the tensor layout is known."""
+        if self.values["compat"] == "paper":
+            return None
+        if self._fb is None:
+            self._fb = FusionBenchNumerics(self, self._check_merged_norm)
+        return self._fb
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        return self.fb is None
+
+    def reserved(self) -> tuple[int, str]:
+        fb = self.fb
+        if fb is None:
+            return 0, ""
+        return fb.reserved_bytes(), f"--compat {self.values['compat']}: the whole-model float32 vector FusionBench takes its norms over"
+
+    def one_process(self) -> str:
+        fb = self.fb
+        return "" if fb is None else f"--compat {self.values['compat']} takes its norms over one whole-model vector in one process"
 
     @property
     def projects(self) -> bool:
         return self.info.step >= 2
 
     def passes(self) -> list[Pass]:
+        if self.fb is not None:
+            return self.fb.passes()
         if self.info.step == 1:
             # θ(1) = θ1 byte for byte; the engine's first pass measures n1 = ‖τ1‖.
             return [Pass("norm", ("base", "new")), Pass("write", ("new",), output=True, copy="new")]
@@ -74,6 +102,13 @@ class OPCM(Method):
 
     def cost(self, kind, shape, itemsize_sum):
         n = math.prod(shape)
+        if self.fb is not None:
+            c = n * (itemsize_sum + 6 * 4)  # inputs, their fp32 copies, M, T, θ', θ' − θ0
+            if kind is Kind.PROJECTED and self.projects:  # full fp32 SVD: U (m x m), Vᵀ (n x n), LAPACK's work
+                m_, n_ = shape[0], shape[1]
+                k = min(m_, n_)
+                c += 4 * (2 * m_ * m_ + 2 * n_ * n_ + 4 * n + 5 * k * k + 7 * k)
+            return c
         c = n * (itemsize_sum + 5 * 4)  # inputs + M, T, T', U Q Vᵀ, stacked copy (fp32)
         if kind is Kind.PROJECTED and self.projects:
             k = min(shape)
@@ -84,11 +119,6 @@ class OPCM(Method):
     def stream_cost(self, shape, itemsize_sum, rows):
         k = min(shape)
         return STREAM_FIXED_K2 * k * k + rows * stream_row_bytes(k, itemsize_sum)
-
-    @property
-    def _unmerged(self) -> frozenset[str]:
-        """Tensors FusionBench never merges (owned directly by a non-leaf module): Σ keeps M itself."""
-        return self.info.nonleaf if self.values["compat"] != "paper" else frozenset()
 
     # -- pass "sigma": Σ = λ(t−1)·M + T' -------------------------------------------
     def _sigma(self, batch: Batch, sums: SigmaSums) -> list[torch.Tensor]:
@@ -103,25 +133,20 @@ class OPCM(Method):
             with sums.timed("svd"):
                 U, S, V = ops.thin_svd(Mb)
             with sums.timed("project"):
-                Tp = ops.project(Tb, U, S, V, self.values["alpha"], zero_diagonal=self.values["compat"] != "release")
+                Tp = ops.project(Tb, U, S, V, self.values["alpha"])
             del U, S, V, Tb
             sig, ss = ops.sigma_update(Mb, Tp, lam_prev, out=Mb)
             sums.sigma_sq = sums.sigma_sq + ss
             return list(sig.unbind(0))
         out = []
-        unmerged = self._unmerged
-        for key, M, T in zip(batch.keys, ms, ts):
-            if key in unmerged:  # Σ = M: not scaled by λ(t−1), no τt (FusionBench's leaf-module merge)
-                sig, ss = M, ops.sumsq(M)
-            else:
-                sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
+        for M, T in zip(ms, ts):
+            sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
             sums.sigma_sq = sums.sigma_sq + ss
             out.append(sig)
         return out
 
     def _sigma_streamed(self, src: BlockSource, sums: SigmaSums) -> None:
-        project_streamed(src, src.ops, self.values["alpha"], self.step_state.lam_prev, sums,
-                         zero_diagonal=self.values["compat"] != "release")
+        project_streamed(src, src.ops, self.values["alpha"], self.step_state.lam_prev, sums)
 
     def _lam(self, sums: SigmaSums) -> None:
         info = self.info

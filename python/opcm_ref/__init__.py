@@ -13,6 +13,7 @@ from .baselines import (
     ties_combine,
     ties_merge,
 )
+from .fusionbench import FusionBenchOPCMRef, fb_norm
 from .classify import AVERAGED, CARRIED, PROJECTED, classify, classify_by_module, nonleaf_parameter_keys
 from .metrics import acc, bwt
 from .opcm import COMPAT_MODES, OPCMRef, drop_tolerance, opcm_merge, project, split_rank
@@ -30,6 +31,8 @@ __all__ = [
     "drop_tolerance",
     "project",
     "OPCMRef",
+    "FusionBenchOPCMRef",
+    "fb_norm",
     "opcm_merge",
     "TaskArithmeticRef",
     "task_arithmetic_merge",
