@@ -160,10 +160,7 @@ def check_identity(prev: MergeState | None, readers: dict[str, Any], paths: dict
         return
     for i, m in enumerate(prev.models, start=1):
         if _matches(m["hash"], readers["new"], hashes["new"]):
-            raise DuplicateModelError(
-                f"{paths['new']} was already merged at step {i} (as {m.get('name')!r}, same content hash); "
-                "merging it twice counts it twice. Pass --allow-duplicate (allow_duplicate=True) if you mean it."
-            )
+            raise DuplicateModelError.at_step(paths["new"], i, m.get("name"))
 
 
 def _matches(recorded: str, reader: Any, known: str) -> bool:

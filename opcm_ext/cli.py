@@ -97,6 +97,12 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
 
 def _cmd_step(a: argparse.Namespace) -> int:
+    if not a.allow_duplicate:  # before torch is imported: a duplicate is refused in a fraction of a step
+        from .precheck import duplicate_error
+
+        err = duplicate_error(a.base, a.merged, a.new, out=a.out, progress=not a.no_progress)
+        if err is not None:
+            raise err
     from .api import merge_stream
 
     report = merge_stream(a.base, a.merged, a.new, a.out, overwrite=a.overwrite, **_options(a))

@@ -47,6 +47,14 @@ class MergeStateError(InputError):
 class DuplicateModelError(MergeStateError):
     """The new model is already in the merge (same content hash); merging it twice counts it twice."""
 
+    @classmethod
+    def at_step(cls, new: str, step: int, name: object) -> "DuplicateModelError":
+        """The refusal of ``new``, recorded at ``step`` as ``name`` (one wording for every check that finds it)."""
+        return cls(
+            f"{new} was already merged at step {step} (as {name!r}, same content hash); "
+            "merging it twice counts it twice. Pass --allow-duplicate (allow_duplicate=True) if you mean it."
+        )
+
 
 class OutputError(InputError):
     """The output cannot be written: not writable, too little disk, locked by another merge."""

@@ -22,22 +22,17 @@ cache only means hashing again: it never fails a caller.
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import os
-import re
-import secrets
-import struct
 import sys
-import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, Callable
 
-import blake3
 import torch
 
 from .. import _cache
+from .._lightio import PREFIX as _PREFIX
+from .._lightio import HashCache, default_cache_path, hash_algorithm
+from .._lightio import frame as _frame
+from .._lightio import new_blake3 as _new_blake3
 from ._fs import tensor_bytes
 from .dtypes import dtype_to_str
 from .reader import CheckpointReader
@@ -52,37 +47,12 @@ __all__ = [
     "default_cache_path",
 ]
 
-_log = logging.getLogger(__name__)
-
-_PREFIX = "blake3:"
-_TAG = b"opcm-ext content v1\x00"  # domain separation: a future framing gets a new tag
 _CHUNK = 16 << 20  # bytes read and hashed at a time: bounds the memory of hashing (below the smallest budgets)
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_CACHE_ENTRIES = 1000
 
 
 # ---------------------------------------------------------------------------------------
 # the two schemes
 # ---------------------------------------------------------------------------------------
-
-
-def _frame(name: str, dtype_str: str, shape: tuple[int, ...], nbytes: int) -> bytes:
-    nb = name.encode("utf-8")
-    ds = dtype_str.encode("ascii")
-    return b"".join(
-        (
-            struct.pack("<Q", len(nb)),
-            nb,
-            struct.pack("<Q", len(ds)),
-            ds,
-            struct.pack(f"<Q{len(shape)}Q", len(shape), *shape),
-            struct.pack("<Q", nbytes),
-        )
-    )
-
-
-def _new_blake3() -> Any:
-    return blake3.blake3(_TAG, max_threads=blake3.blake3.AUTO)
 
 
 def _bar(progress: bool, total: int, desc: str) -> Any:
@@ -141,19 +111,6 @@ def _legacy_of(reader: CheckpointReader, progress: bool) -> str:
 
 
 _SCHEMES: dict[str, Callable[[CheckpointReader, bool], str]] = {"blake3": _blake3_of, "legacy": _legacy_of}
-
-
-def hash_algorithm(h: str) -> str:
-    """The scheme of a recorded hash: 'blake3' (``blake3:`` + 32 hex) or 'legacy' (32 hex, opcm-ext 0.1)."""
-    if isinstance(h, str):
-        if h.startswith(_PREFIX) and _HEX32.fullmatch(h[len(_PREFIX) :]):
-            return "blake3"
-        if _HEX32.fullmatch(h):
-            return "legacy"
-    raise ValueError(
-        f"{h!r} is not a model hash opcm-ext knows: expected 'blake3:' followed by 32 hex digits, "
-        "or 32 hex digits as opcm-ext 0.1 recorded them"
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,75 +188,3 @@ def _cache_of(cache: bool | HashCache | None) -> HashCache | None:
     if not cache or not _cache.enabled():
         return None
     return HashCache()
-
-
-# ---------------------------------------------------------------------------------------
-# the cache
-# ---------------------------------------------------------------------------------------
-
-
-def default_cache_path() -> Path:
-    """``hashes.json`` in the user's cache folder (``opcm_ext._cache.cache_root``)."""
-    return _cache.cache_root() / "hashes.json"
-
-
-class HashCache:
-    """File identity -> model hashes in one JSON file, replaced atomically; any failure means a miss."""
-
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_entries: int = _CACHE_ENTRIES) -> None:
-        self.path = Path(path) if path is not None else default_cache_path()
-        self.max_entries = max_entries
-
-    @staticmethod
-    def _key(identity: tuple) -> str:
-        return json.dumps([list(f) for f in identity], separators=(",", ":"))
-
-    def _load(self) -> dict[str, dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                doc = json.loads(f.read(64 << 20))
-            entries = doc["entries"] if doc.get("version") == 1 else {}
-            return {
-                k: {"hashes": {a: h for a, h in e["hashes"].items() if a in _SCHEMES and isinstance(h, str)},
-                    "at": float(e["at"])}
-                for k, e in entries.items()
-                if isinstance(e, dict) and isinstance(e.get("hashes"), dict)
-            }
-        except FileNotFoundError:
-            return {}
-        except Exception as e:  # a corrupt or unreadable cache is an empty one
-            _log.debug("ignoring the hash cache %s: %s", self.path, e)
-            return {}
-
-    def get(self, identity: tuple, algo: str) -> str | None:
-        """The cached ``algo`` hash of the files with this identity, or None."""
-        entry = self._load().get(self._key(identity))
-        h = entry["hashes"].get(algo) if entry else None
-        try:
-            return h if h is not None and hash_algorithm(h) == algo else None
-        except ValueError:
-            return None
-
-    def put(self, identity: tuple, algo: str, value: str) -> None:
-        """Remember a hash (keeps the newest ``max_entries`` identities); failures are only logged."""
-        entries = self._load()
-        key = self._key(identity)
-        entry = entries.pop(key, {"hashes": {}})
-        entry["hashes"][algo] = value
-        entry["at"] = time.time()
-        entries[key] = entry
-        if len(entries) > self.max_entries:
-            keep = sorted(entries, key=lambda k: entries[k]["at"])[-self.max_entries :]
-            entries = {k: entries[k] for k in keep}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "entries": entries}, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except OSError as e:
-            _log.debug("could not write the hash cache %s: %s", self.path, e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .._lightio import FileIdentity
+from .._lightio import file_identity as _identity
 from ..errors import CheckpointError
 from ._fs import O_CLOEXEC, Block, block, close_all, pread_block, pread_exact
 from ._header import (
@@ -35,12 +37,6 @@ from ._header import (
 
 __all__ = ["CheckpointReader", "TensorInfo"]
 
-FileIdentity = tuple[str, int, int, int, int]
-"""(realpath, st_dev, st_ino, st_size, st_mtime_ns) of one file."""
-
-
-def _identity(path: Path, st: os.stat_result) -> FileIdentity:
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class CheckpointReader:

@@ -3,8 +3,9 @@
 A lock next to the output, a marked temporary sibling (``.NAME.opcm-tmp-PID-TOKEN``) that
 the writers fill, fsync of every file and folder, then an atomic swap:
 ``renameat2(RENAME_EXCHANGE)``, else rename-aside (``.NAME.opcm-old-TOKEN``) with recovery
-on the next run. This module alone knows those names: ``needs_recovery`` tells a caller
-whether a killed run left something behind, ``recover_output`` cleans it up.
+on the next run. This module makes those names; ``needs_recovery`` (defined torch-free in
+``opcm_ext._lightio``, so the CLI's early checks can use it) tells a caller whether a killed run
+left something behind, ``recover_output`` cleans it up.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _faults
+from .._lightio import MARKER, needs_recovery
 from ..errors import OutputError
 from ._fs import O_CLOEXEC, disk_full, fsync_path, plain_name
 from .reader import CheckpointReader
@@ -31,7 +33,6 @@ __all__ = ["OutputTransaction", "recover_output", "needs_recovery"]
 
 _log = logging.getLogger(__name__)
 
-_MARKER = ".opcm-tmp"
 _SCRATCH = ".opcm-scratch"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _AT_FDCWD = -100
@@ -88,7 +89,7 @@ def _rmtree(path: Path) -> None:
 
 def _marker_token(folder: Path) -> str | None:
     try:
-        with open(folder / _MARKER, encoding="utf-8") as f:
+        with open(folder / MARKER, encoding="utf-8") as f:
             text = f.read(4096)
     except OSError:
         return None
@@ -163,7 +164,7 @@ def _recover(out: Path) -> list[str]:
             if m and m.group(1) == out_token and is_real_dir(parent / e):
                 _rmtree(parent / e)
                 done.append(f"removed the replaced output {e}")
-        os.unlink(out / _MARKER)
+        os.unlink(out / MARKER)
         fsync_path(out, directory=True)
         done.append(f"completed the interrupted commit of {out}")
     # 3. marked temporaries of killed runs (and empty ones created just before the marker)
@@ -171,7 +172,7 @@ def _recover(out: Path) -> list[str]:
         p = parent / e
         if not tmp_re.fullmatch(e) or not os.path.lexists(p) or not is_real_dir(p):
             continue
-        if (p / _MARKER).is_file():
+        if (p / MARKER).is_file():
             _rmtree(p)
             done.append(f"removed the stale temporary {e}")
         elif not os.listdir(p):
@@ -196,17 +197,6 @@ def _abs_out(out_path: str | os.PathLike[str]) -> Path:
             f"the output's parent folder {parent} does not exist; create it first or choose another path"
         ) from None
     return parent / p.name
-
-
-def needs_recovery(out: str | os.PathLike[str]) -> bool:
-    """Whether a killed run into ``out`` left a temporary, a renamed-aside output or a marker behind."""
-    p = Path(os.path.abspath(os.fspath(out)))
-    try:
-        names = os.listdir(p.parent)
-    except OSError:
-        return False  # an unusable output folder is reported by the transaction
-    prefix = f".{p.name}.opcm-"  # .NAME.opcm-tmp-PID-TOKEN and .NAME.opcm-old-TOKEN (not the .opcm.lock)
-    return any(n.startswith(prefix) for n in names) or (p / _MARKER).is_file()
 
 
 def recover_output(out_path: str | os.PathLike[str]) -> list[str]:
@@ -312,7 +302,7 @@ class OutputTransaction:
                     f"{out} exists and is a file, but the output is a model folder; "
                     "remove it or choose another path"
                 )
-            entries = [e for e in os.listdir(out) if e != _MARKER]
+            entries = [e for e in os.listdir(out) if e != MARKER]
             if entries and not any(e.endswith(".safetensors") for e in entries):
                 raise OutputError(
                     f"{out} is a non-empty folder that does not hold a safetensors checkpoint; "
@@ -352,7 +342,7 @@ class OutputTransaction:
         try:
             os.mkdir(tmp)
             self._tmp = tmp
-            with open(tmp / _MARKER, "w", encoding="utf-8") as f:
+            with open(tmp / MARKER, "w", encoding="utf-8") as f:
                 f.write(
                     "opcm-ext temporary output of an unfinished merge; safe to delete.\n"
                     f"pid={os.getpid()}\ntoken={self._token}\n"
@@ -532,10 +522,10 @@ class OutputTransaction:
         _faults.point("commit.old_deleted")
         if marker_in is not None:
             try:
-                os.unlink(marker_in / _MARKER)
+                os.unlink(marker_in / MARKER)
                 fsync_path(marker_in, directory=True)
             except OSError as e:
-                _log.warning("could not remove %s: %s; the next run removes it", marker_in / _MARKER, e)
+                _log.warning("could not remove %s: %s; the next run removes it", marker_in / MARKER, e)
 
     def abort(self) -> None:
         """Discard the temporary and release the lock; the output is untouched. Idempotent."""
