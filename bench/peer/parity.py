@@ -239,7 +239,9 @@ def run(shapes: str = "tiny", n: int = 3, *, workdir: Path, compat: str = "auto"
             peer_out = out_dir / f"fusionbench-{method}.safetensors"
             ours_t.append(run_ours(method, base, models, ours_out, lam=lam, compat=used_compat, timeout=timeout,
                                    src=ours_src))
-            dt, inner = run_peer(method, base, models, peer_out, lam=lam, timeout=timeout, venv=venv, dtype=peer_dtype)
+            # --compat release is the code behind the paper's Table 1: compare it with FusionBench before its 2025-03 fix
+            dt, inner = run_peer(method, base, models, peer_out, lam=lam, timeout=timeout, venv=venv, dtype=peer_dtype,
+                                 emulate_release=method == "opcm" and used_compat == "release")
             peer_t.append(dt)
             peer_inner.append(inner)
         theirs = _load(peer_out)
@@ -283,7 +285,8 @@ def format_table(result: dict) -> str:
     lines = [f"FusionBench parity: {result['shapes']} shapes, base + {result['models']} models, "
              f"{result.get('spectrum', 'random')} task-vector spectra, λ = {result['lam']}, α = {result['alpha']}; "
              f"opcm merge --compat {result['compat_ours']}; "
-             f"FusionBench in {result.get('peer_dtype', 'float32')}",
+             f"FusionBench in {result.get('peer_dtype', 'float32')}"
+             + (" (OPCM as before its 2025-03 fix)" if result["compat_ours"] == "release" else ""),
              f"{'comparison':<50} {'worst rel':>10} {'projected':>10} {'averaged':>10} {'class_emb':>10} "
              f"{'identical':>10}  worst tensor"]
 
