@@ -83,6 +83,17 @@ def test_lam_option_overrides_both_baselines(inputs, tmp_path):
     assert rep["meta"]["lam"] == {"value": 0.2, "source": "--lam"}
 
 
+def test_memory_budget_reaches_every_merge(inputs, tmp_path, capsys):
+    """--compat release holds a whole-model float32 vector: a budget below it is refused, naming the minimum."""
+    ck, ds = inputs
+    rc = main(["reproduce", "--checkpoints", str(ck), "--datasets", str(ds), "--tasks", "pcam,rendered-sst2",
+               "--orders", "1", "--methods", "opcm", "--compat", "release", "--memory-budget", "16KiB",
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "the memory budget 16.0KiB is below what this step needs" in err and "--compat release" in err
+
+
 def test_paper_lambda_by_task_count():
     assert [paper_lambda(n) for n in (8, 14, 20)] == [0.3, 0.1, 0.1]
     assert paper_lambda(3) == 0.3 and paper_lambda(12) == 0.1

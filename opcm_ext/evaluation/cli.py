@@ -109,6 +109,9 @@ def add_subcommands(sub) -> None:
                         "tasks, 0.1 for 14 and 20, from its appendix C.1.1; TIES uses Task Arithmetic's λ)")
     r.add_argument("--compat", default=None, choices=["paper", "fusionbench", "release"],
                    help="OPCM's mode (default paper); release: as the code behind the paper's Table 1")
+    r.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="each merge step's working-set bound, as `opcm merge` (default 1GiB; --compat "
+                        "fusionbench/release also hold 4 bytes per parameter: raise it for ViT-L/14)")
     r.add_argument("--model-name", default=None, help="checkpoint name prefix (default: inferred, e.g. clip-vit-base-patch32)")
     r.add_argument("--base", default=None, help="pre-trained full CLIP model folder (default: CHECKPOINTS/<model>)")
     r.add_argument("--out", default=None, help="folder for report.json and plots")
@@ -202,7 +205,7 @@ def _cmd_reproduce(a) -> int:
                            batch_size=a.batch_size, workers=a.workers, max_examples=a.max_examples,
                            cache_dir=a.cache_dir, keep_dir=a.keep_checkpoints, work_dir=a.work_dir,
                            progress=not a.no_progress, split=a.split, lam=a.lam, class_names=a.class_names,
-                           heads=a.heads, compat=a.compat)
+                           heads=a.heads, compat=a.compat, memory_budget=a.memory_budget)
     lam = report.get("meta", {}).get("lam", {})
     print(format_table(report, title=f"Table 1 ({Path(report['base']).name}): {len(report['tasks'])} tasks, "
                                      f"{len(report['orders'])} orders (seed {a.seed}); baselines' λ = "

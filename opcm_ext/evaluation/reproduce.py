@@ -296,10 +296,11 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
                   cache_dir: str | Path | None = None, keep_dir: str | Path | None = None,
                   work_dir: str | Path | None = None, progress: bool = True, split: str = "test",
                   lam: float | None = None, class_names: str = "fusionbench", heads: str | Path | None = None,
-                  compat: str | None = None) -> dict:
+                  compat: str | None = None, memory_budget: str | int | None = None) -> dict:
     """Table 1 for one model and task set: every method over ``num_orders`` seeded orders; returns the report.
 
     ``lam`` (default: the paper's, by task count) scales continual Task Arithmetic and TIES alike.
+    ``memory_budget`` bounds each merge step (``merge_stream``'s default when None).
     """
     from opcm_ext.evaluation.runner import run_experiment
 
@@ -321,6 +322,7 @@ def run_reproduce(checkpoints: str | Path, datasets: str | Path, *, tasks: str |
             vision_base = extract_vision_base(clip_dir, first, Path(tmp) / "base")
         report = run_experiment(vision_base, models, evaluator, methods=method_params, num_orders=num_orders,
                                 seed=seed, keep_dir=keep_dir, work_dir=tmp, progress=progress,
+                                merge_kwargs={} if memory_budget is None else {"memory_budget": memory_budget},
                                 meta={"kind": "reproduce", "clip_model": str(clip_dir),
                                       "datasets": {t: str(p) for t, p in data.items()},
                                       "max_examples": max_examples,
