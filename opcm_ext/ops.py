@@ -86,9 +86,9 @@ class Ops:
         """See :func:`thin_svd`."""
         return thin_svd(A, backend=self._backend)
 
-    def project(self, T: Any, U: Any, S: Any, V: Any, alpha: float, *, zero_diagonal: bool = True) -> Any:
+    def project(self, T: Any, U: Any, S: Any, V: Any, alpha: float) -> Any:
         """See :func:`project`."""
-        return project(T, U, S, V, alpha, zero_diagonal=zero_diagonal, backend=self._backend)
+        return project(T, U, S, V, alpha, backend=self._backend)
 
     def sumsq(self, x: Any) -> Any:
         """See :func:`sumsq`."""
@@ -546,16 +546,14 @@ def _project_torch(T: torch.Tensor, U: torch.Tensor, V: torch.Tensor, r: torch.T
 
 @_cupy_io
 def project(
-    T: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, alpha: float, *,
-    zero_diagonal: bool = True, backend: str | None = None
+    T: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, alpha: float, *, backend: str | None = None
 ) -> torch.Tensor:
     """OPCM projection T' of T[B,m,n] against the thin SVD (U, S, V) of M (the cheap exact form).
 
     Triplets with S <= S[0] * max(m, n) * eps(fp32) are dropped (so M = 0 gives T' = T):
     keep = how many remain, r = split_rank(S with the dropped values set to 0, alpha).
     With P = U^T T V: T' = T - U Q V^T where Q keeps P's top-left r x r block and the
-    diagonal entries r <= i < keep (``zero_diagonal=False``: only the block, as the code release
-    behind the paper's Table 1 did).
+    diagonal entries r <= i < keep.
     """
     for name, x in (("T", T), ("U", U), ("S", S), ("V", V)):
         _check_float(x, "project", name, fp32_only=True)
@@ -574,8 +572,6 @@ def project(
     # The split rank counts the dropped triplets as exactly zero (the degenerate-case rule).
     S_kept = torch.where(torch.arange(k, device=S.device) < keep[:, None], S, 0.0)
     r = split_rank(S_kept, alpha)
-    if not zero_diagonal:  # no diagonal entries in Q: P's diagonal beyond the block stays in T'
-        keep = torch.minimum(keep, r)
     if B == 0 or k == 0:
         out = T.clone()
     elif not _use_native(backend, T.device, "project"):

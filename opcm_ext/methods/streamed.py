@@ -36,11 +36,8 @@ def stream_row_bytes(k: int, itemsize_sum: int) -> int:
     return k * (itemsize_sum + 4 * 4 + 2 * 8)
 
 
-def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums, *, zero_diagonal: bool = True) -> None:
-    """Σ = lam_prev · M + T' of one matrix, block by block, into ``src.keep``; adds ‖Σ‖² to ``sums.sigma_sq``.
-
-    ``zero_diagonal=False`` keeps P's diagonal (only the top-left r x r block is removed).
-    """
+def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums) -> None:
+    """Σ = lam_prev · M + T' of one matrix, block by block, into ``src.keep``; adds ‖Σ‖² to ``sums.sigma_sq``."""
     m, n = src.shape
     L, k = max(m, n), min(m, n)
     with sums.timed("svd"):
@@ -68,7 +65,7 @@ def project_streamed(src: BlockSource, ops, alpha: float, lam_prev: float, sums,
         del Z
         Q = torch.zeros_like(P)
         Q[:r, :r] = P[:r, :r]
-        idx = torch.arange(r, keep if zero_diagonal else r, device=P.device)
+        idx = torch.arange(r, keep, device=P.device)
         Q[idx, idx] = P[idx, idx]
         R = ((W * inv[None, :]) @ Q @ W.mT).to(torch.float32)  # T' = T − U Q Vᵀ = T − X W diag(1/S) Q Wᵀ
         del P, Q, W
