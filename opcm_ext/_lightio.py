@@ -1,7 +1,9 @@
 """The parts of opcm_ext.io that work without torch: what `opcm step` checks before importing it.
 
-- the content identity's framing and schemes (``io.hashing`` hashes with them; ``precheck`` too),
-- the hash cache keyed by the files' identity (realpath, device, inode, size, mtime),
+- the content identity: framing, chunked feeding and BLAKE3 digest (``io.hashing`` hashes a reader with
+  them, ``precheck`` a file it opened itself),
+- the hash cache keyed by the files' identity (realpath, device, inode, size, mtime) and the one
+  get-compute-put rule both use (``cached_hash``),
 - whether a killed run left an output to recover (``io.transaction`` recovers it),
 - a minimal safetensors layout reader (shards, header JSON) for plain checkpoints.
 
@@ -16,16 +18,19 @@ import os
 import re
 import secrets
 import struct
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import blake3
 
 from . import _cache
 
-__all__ = ["PREFIX", "SCHEMES", "frame", "new_blake3", "hash_algorithm", "HashCache", "default_cache_path",
+__all__ = ["PREFIX", "SCHEMES", "CHUNK", "frame", "new_blake3", "feed", "content_blake3", "cached_hash",
+           "hash_algorithm", "HashCache", "default_cache_path",
            "file_identity", "needs_recovery", "MARKER", "Layout", "plain_layout", "read_header"]
 
 _log = logging.getLogger(__name__)
@@ -75,6 +80,61 @@ def hash_algorithm(h: str) -> str:
         f"{h!r} is not a model hash opcm-ext knows: expected 'blake3:' followed by 32 hex digits, "
         "or 32 hex digits as opcm-ext 0.1 recorded them"
     )
+
+
+#: Bytes read and hashed at a time: bounds the memory of hashing (below the smallest budgets).
+CHUNK = 16 << 20
+
+
+def feed(sizes: Mapping[str, int], read_into: Callable[[str, int, memoryview], None], start: Callable[[str], Any],
+         progress: bool, desc: str) -> dict[str, Any]:
+    """Feed every tensor's bytes (sorted names, in chunks of at most ``CHUNK``) to ``start(name)``'s hasher.
+
+    ``sizes``: name -> byte count; ``read_into(name, offset, buffer)`` fills ``buffer`` from that offset.
+    """
+    from tqdm.auto import tqdm
+
+    buf = memoryview(bytearray(min(CHUNK, max(sizes.values(), default=0))))
+    hashers = {}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for k in sorted(sizes):
+            h = hashers[k] = start(k)
+            n = sizes[k]
+            for off in range(0, n, CHUNK):
+                part = buf[: min(CHUNK, n - off)]
+                read_into(k, off, part)
+                h.update(part)
+                bar.update(len(part))
+    return hashers
+
+
+def content_blake3(tensors: Mapping[str, tuple[str, tuple[int, ...], int]],
+                   read_into: Callable[[str, int, memoryview], None], progress: bool, desc: str) -> str:
+    """The ``blake3:`` content identity of tensors given as name -> (dtype code, shape, byte count)."""
+    h = new_blake3()
+
+    def start(k: str) -> Any:
+        h.update(frame(k, *tensors[k]))
+        return h
+
+    feed({k: t[2] for k, t in tensors.items()}, read_into, start, progress, desc)
+    return PREFIX + h.hexdigest(length=16)
+
+
+def cached_hash(cache: "HashCache | None", identity: Callable[[], tuple | None], algo: str,
+                compute: Callable[[], str]) -> str:
+    """``compute()``, through ``cache`` keyed by the files' ``identity()`` (stored only if unchanged while hashing)."""
+    ident = identity() if cache is not None else None
+    if cache is None or ident is None:
+        return compute()
+    hit = cache.get(ident, algo)
+    if hit is not None:
+        return hit
+    value = compute()
+    if identity() == ident:
+        cache.put(ident, algo, value)
+    return value
 
 
 def file_identity(path: str | os.PathLike[str], st: os.stat_result) -> FileIdentity:

@@ -13,16 +13,13 @@ runs its own checks as always. Standard library, blake3 and tqdm only.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from . import _cache
-from ._lightio import PREFIX, HashCache, Layout, frame, hash_algorithm, needs_recovery, new_blake3, plain_layout, read_header
+from ._lightio import HashCache, Layout, cached_hash, content_blake3, hash_algorithm, needs_recovery, plain_layout, read_header
 from .errors import DuplicateModelError, MergeStateError
 from .state import MergeState
 
 __all__ = ["duplicate_error", "content_hash_of"]
-
-_CHUNK = 16 << 20
 
 
 def duplicate_error(base: str | os.PathLike[str], merged: str | os.PathLike[str], new: str | os.PathLike[str], *,
@@ -64,22 +61,15 @@ def _state(layout: Layout) -> MergeState | None:
 
 def content_hash_of(layout: Layout, *, progress: bool = False) -> str:
     """``io.content_hash`` of a plain checkpoint without torch: from the cache, else hashed and cached."""
-    cache = HashCache() if _cache.enabled() else None
-    ident = layout.identity()
-    if cache is not None:
-        hit = cache.get(ident, "blake3")
-        if hit is not None:
-            return hit
-    value = _blake3(layout, progress)
-    if cache is not None and layout.identity() == ident:  # unchanged while hashing
-        cache.put(ident, "blake3", value)
-    return value
+    return cached_hash(HashCache() if _cache.enabled() else None, layout.identity, "blake3",
+                       lambda: _blake3(layout, progress))
 
 
 def _blake3(layout: Layout, progress: bool) -> str:
     fds = [os.open(p, os.O_RDONLY) for p in layout.shards]
     try:
-        tensors: dict[str, tuple[int, str, tuple[int, ...], int, int]] = {}
+        tensors: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        where: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         for fd in fds:
             start, header = read_header(fd)
             for name, e in header.items():
@@ -87,26 +77,20 @@ def _blake3(layout: Layout, progress: bool) -> str:
                     continue
                 if name in tensors:
                     raise ValueError(f"tensor {name} in two shards")
-                b, end = e["data_offsets"]
-                tensors[name] = (fd, str(e["dtype"]), tuple(int(d) for d in e["shape"]), start + int(b), int(end) - int(b))
-        h = new_blake3()
-        from tqdm.auto import tqdm
+                b, end = (int(x) for x in e["data_offsets"])
+                tensors[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), end - b)
+                where[name] = (fd, start + b)
 
-        total = sum(t[4] for t in tensors.values())
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"hashing {Path(layout.shards[0]).parent.name}",
-                  disable=not progress, leave=False) as bar:
-            for name in sorted(tensors):
-                fd, dtype, shape, off, n = tensors[name]
-                h.update(frame(name, dtype, shape, n))
-                done = 0
-                while done < n:
-                    part = os.pread(fd, min(_CHUNK, n - done), off + done)
-                    if not part:
-                        raise ValueError(f"{name}: the file ends inside the tensor")
-                    h.update(part)
-                    done += len(part)
-                    bar.update(len(part))
-        return PREFIX + h.hexdigest(length=16)
+        def read_into(name: str, off: int, buf: memoryview) -> None:
+            fd, base = where[name]
+            got = 0
+            while got < len(buf):
+                n = os.preadv(fd, [buf[got:]], base + off + got)
+                if n == 0:
+                    raise ValueError(f"{name}: the file ends inside the tensor")
+                got += n
+
+        return content_blake3(tensors, read_into, progress, f"hashing {layout.shards[0].parent.name}")
     finally:
         for fd in fds:
             os.close(fd)

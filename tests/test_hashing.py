@@ -13,6 +13,7 @@ import torch
 from helpers import all_dtype_tensors, write_shards
 from safetensors.torch import save_file
 
+import opcm_ext._lightio as _lightio
 import opcm_ext.io.hashing as hashing
 from opcm_ext.io import DTYPES, CheckpointReader, content_hash, hash_tensors, legacy_hash, same_model
 from opcm_ext.io.hashing import HashCache, default_cache_path, hash_algorithm
@@ -102,10 +103,10 @@ def test_framing_is_unambiguous():
 
 def test_streaming_in_small_chunks_changes_nothing(one_file, monkeypatch):
     want = chash(one_file)
-    monkeypatch.setattr(hashing, "_CHUNK", 7)
+    monkeypatch.setattr(_lightio, "CHUNK", 7)  # the chunking io.hashing and the CLI's precheck share
     assert chash(one_file) == want
     with CheckpointReader(one_file) as r:
-        monkeypatch.setattr(hashing, "_CHUNK", 5)
+        monkeypatch.setattr(_lightio, "CHUNK", 5)
         assert content_hash(r, cache=False, progress=True) == want
 
 
@@ -181,7 +182,7 @@ def test_legacy_hash_of_every_dtype_in_small_chunks(tmp_path, monkeypatch):
     ts = all_dtype_tensors()
     f = tmp_path / "all.safetensors"
     save_file(ts, str(f))
-    monkeypatch.setattr(hashing, "_CHUNK", 3)
+    monkeypatch.setattr(_lightio, "CHUNK", 3)
     with CheckpointReader(f) as r:
         assert legacy_hash(r, cache=False) == _legacy_oracle(ts)
 

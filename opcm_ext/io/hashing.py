@@ -22,7 +22,6 @@ cache only means hashing again: it never fails a caller.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -30,7 +29,7 @@ import torch
 
 from .. import _cache
 from .._lightio import PREFIX as _PREFIX
-from .._lightio import HashCache, default_cache_path, hash_algorithm
+from .._lightio import HashCache, cached_hash, content_blake3, default_cache_path, feed, hash_algorithm
 from .._lightio import frame as _frame
 from .._lightio import new_blake3 as _new_blake3
 from ._fs import tensor_bytes
@@ -47,49 +46,18 @@ __all__ = [
     "default_cache_path",
 ]
 
-_CHUNK = 16 << 20  # bytes read and hashed at a time: bounds the memory of hashing (below the smallest budgets)
-
-
 # ---------------------------------------------------------------------------------------
 # the two schemes
 # ---------------------------------------------------------------------------------------
 
 
-def _bar(progress: bool, total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                disable=not progress, leave=False)
-
-
-def _stream(reader: CheckpointReader, progress: bool, desc: str, start: Callable[[str], Any]) -> dict[str, Any]:
-    """Feed every tensor's bytes (sorted names, in chunks of at most 64 MiB) to ``start(name)``'s hasher."""
-    keys = reader.keys()
-    largest = max((reader.info(k).nbytes for k in keys), default=0)
-    buf = memoryview(bytearray(min(_CHUNK, largest)))
-    hashers = {}
-    with _bar(progress, reader.total_bytes, desc) as bar:
-        for k in keys:
-            h = hashers[k] = start(k)
-            n = reader.info(k).nbytes
-            for off in range(0, n, _CHUNK):
-                part = buf[: min(_CHUNK, n - off)]
-                reader.read_into(k, off, part)
-                h.update(part)
-                bar.update(len(part))
-    return hashers
+def _sizes(reader: CheckpointReader) -> dict[str, int]:
+    return {k: reader.info(k).nbytes for k in reader.keys()}
 
 
 def _blake3_of(reader: CheckpointReader, progress: bool) -> str:
-    h = _new_blake3()
-
-    def start(k: str) -> Any:
-        info = reader.info(k)
-        h.update(_frame(k, info.dtype_str, info.shape, info.nbytes))
-        return h
-
-    _stream(reader, progress, f"hashing {reader.path.name}", start)
-    return _PREFIX + h.hexdigest(length=16)
+    tensors = {k: (i.dtype_str, i.shape, i.nbytes) for k, i in ((k, reader.info(k)) for k in reader.keys())}
+    return content_blake3(tensors, reader.read_into, progress, f"hashing {reader.path.name}")
 
 
 def _legacy_of(reader: CheckpointReader, progress: bool) -> str:
@@ -102,7 +70,7 @@ def _legacy_of(reader: CheckpointReader, progress: bool) -> str:
         t.update(repr(tuple(info.shape)).encode())
         return t
 
-    per_tensor = _stream(reader, progress, f"hashing {reader.path.name} (0.1 scheme)", start)
+    per_tensor = feed(_sizes(reader), reader.read_into, start, progress, f"hashing {reader.path.name} (0.1 scheme)")
     h = hashlib.blake2b(digest_size=16)
     for k in sorted(per_tensor):
         h.update(k.encode())
@@ -163,16 +131,7 @@ def _hash(reader: CheckpointReader, algo: str, progress: bool, cache: bool | Has
         if algo != "blake3":
             raise ValueError(f"{reader!r} has no identity in the {algo} scheme (opcm-ext 0.1 only hashed checkpoints)")
         return own()
-    store = _cache_of(cache)
-    ident = _identity(reader) if store is not None else None
-    if store is not None and ident is not None:
-        hit = store.get(ident, algo)
-        if hit is not None:
-            return hit
-    value = _SCHEMES[algo](reader, progress)
-    if store is not None and ident is not None and _identity(reader) == ident:  # unchanged while hashing
-        store.put(ident, algo, value)
-    return value
+    return cached_hash(_cache_of(cache), lambda: _identity(reader), algo, lambda: _SCHEMES[algo](reader, progress))
 
 
 def _identity(reader: CheckpointReader) -> tuple | None:
