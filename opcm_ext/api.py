@@ -335,8 +335,8 @@ def merge_stream(
         for note in classification.notes:
             log.info(note)
         setup.info.nonleaf = frozenset(classification.nonleaf)
-        setup.info.shapes = {k: tuple(ref.info(k).shape) for k in ref.keys()}
         infos = {k: (tuple(ref.info(k).shape), sum(r.info(k).dtype.itemsize for r in readers.values())) for k in ref.keys()}
+        setup.info.shapes = {k: shape for k, (shape, _) in infos.items()}
         stage = None
         work_budget = budget
         if sel.device.type == "cuda":

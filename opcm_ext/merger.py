@@ -209,9 +209,9 @@ class Merger:
                                  allow_param_change=self._allow_param_change, allow_duplicate=allow_duplicate,
                                  where=Path(paths["merged"]))
             setup.info.nonleaf = frozenset(self.classification.nonleaf)
-            setup.info.shapes = {k: tuple(self._base.info(k).shape) for k in self._base.keys()}
             infos = {k: (tuple(i.shape), sum(r.info(k).dtype.itemsize for r in readers.values()))
                      for k, i in ((k, self._base.info(k)) for k in self._base.keys())}
+            setup.info.shapes = {k: shape for k, (shape, _) in infos.items()}
             floating = kept_shapes(self.classification, setup.like)
             budget = self._budget(floating, setup.like)
             plan = make_plan(self.classification, infos, budget, setup.method)

@@ -454,11 +454,11 @@ def make_plan(
                 f"the memory budget {_fmt(budget)} is below what the largest tensor needs ({need[1]}: "
                 f"{least}); use --memory-budget {least} or more."
             )
-        largest = need  # with the reserve taking the whole budget, every tensor counts in need
-        least = _fmt_up(largest[0] + reserve)
+        # need counts every tensor that did not fit what the reserve left (all of them when it took everything)
+        least = _fmt_up(need[0] + reserve)
         raise ConfigError(
             f"the memory budget {_fmt(budget)} is below what this step needs: {_fmt(reserve)} held for the whole "
-            f"step ({reserved_for}) plus {_fmt_up(largest[0])} for the largest tensor ({largest[1]}); "
+            f"step ({reserved_for}) plus {_fmt_up(need[0])} for the largest tensor ({need[1]}); "
             f"use --memory-budget {least} or more."
         )
     for shape, keys in sorted(by_shape.items(), key=lambda kv: kv[1][0]):

@@ -24,8 +24,9 @@ every other path (FusionBench takes it in float32; they differ only on an exact 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -34,15 +35,7 @@ from ..errors import InputError
 from ..plan import Kind
 from .base import Batch, Method, Pass, Sums
 
-__all__ = ["FusionBenchStep", "FusionBenchNumerics"]
-
-
-@dataclass
-class FusionBenchStep:
-    """OPCM's state within one step, in FusionBench's float32 scalars (exact as Python floats)."""
-
-    lam_prev: float
-    lam: float = 1.0
+__all__ = ["FusionBenchNumerics"]
 
 
 class FusionBenchNumerics:
@@ -51,26 +44,22 @@ class FusionBenchNumerics:
     def __init__(self, method: Method, check_merged_norm: Callable[[], None]) -> None:
         self.m = method  # OPCM: its values (alpha, compat), info and step_state (lam_prev in, lam out)
         self._check_merged_norm = check_merged_norm
-        self._offsets: dict[str, int] | None = None
-        self.numel = 0
         self.flat: torch.Tensor | None = None  # the whole-model float32 vector, allocated by the first pass
         self.factor: Any = None  # n̄ / ‖θ' − θ0‖, a float32 0-d tensor
 
-    @property
+    @functools.cached_property
     def offsets(self) -> dict[str, int]:
         """Where each tensor starts in the vector: every tensor of the checkpoint in sorted-name order."""
-        if self._offsets is None:
-            shapes = self.m.info.shapes
-            assert shapes, "the step's tensor shapes are set before planning"
-            self._offsets, n = {}, 0
-            for k in sorted(shapes):
-                self._offsets[k] = n
-                n += math.prod(shapes[k])
-            self.numel = n
-        return self._offsets
+        shapes = self.m.info.shapes
+        assert shapes, "the step's tensor shapes are set before planning"
+        names = sorted(shapes)
+        return dict(zip(names, itertools.accumulate((math.prod(shapes[k]) for k in names), initial=0)))
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.m.info.shapes.values())
 
     def reserved_bytes(self) -> int:
-        self.offsets
         return 4 * self.numel
 
     def passes(self) -> list[Pass]:
@@ -91,7 +80,6 @@ class FusionBenchNumerics:
 
     def _fresh(self) -> None:
         # Integer tensors stay 0, as in FusionBench; each pass overwrites every floating tensor's slot.
-        self.offsets
         self.flat = torch.zeros(self.numel, dtype=torch.float32)
 
     def _norm(self) -> torch.Tensor:
