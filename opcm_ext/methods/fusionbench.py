@@ -90,8 +90,8 @@ class FusionBenchNumerics:
     def _tau(self, batch: Batch, sums: Sums) -> None:
         if self.flat is None:
             self._fresh()
-        for k, b, nw in zip(batch.keys, batch["base"], batch["new"]):
-            d = nw.float() - b.float()
+        _, ts = batch.deltas()  # the engine's scan computed them already: new − base in float32, as FusionBench
+        for k, d in zip(batch.keys, ts):
             self._slot(k, batch.rows, d.numel()).copy_(d.reshape(-1))
 
     def _tau_done(self, sums: Sums) -> None:
@@ -105,12 +105,13 @@ class FusionBenchNumerics:
         zero_diagonal = self.m.values["compat"] != "release"
         alpha = self.m.values["alpha"]
         nonleaf = self.m.info.nonleaf
-        for k, b, mg, nw in zip(batch.keys, batch["base"], batch["merged"], batch["new"]):
-            pre, W = b.float(), mg.float()
-            if k in nonleaf:  # never merged: θ' = θ(t−1)
-                d = W - pre
+        ms, ts = batch.deltas()  # M = θ(t−1) − θ0 and T = θt − θ0 in float32 (the same IEEE subtractions)
+        assert ms is not None
+        for k, b, ptv, ttv in zip(batch.keys, batch["base"], ms, ts):
+            if k in nonleaf:  # never merged: θ' − θ0 = M
+                d = ptv
             else:
-                ptv, ttv = W - pre, nw.float() - pre
+                pre = b.float()
                 if batch.kind is Kind.PROJECTED:
                     with sums.timed("svd"):
                         u, s, vh = torch.linalg.svd(ptv, full_matrices=True, driver="gesvd" if ptv.is_cuda else None)
