@@ -18,6 +18,9 @@ Compatibility modes (``compat=``), docs/algorithm.md, "Where FusionBench's OPCM 
   zeroed (the code behind the paper's Table 1 and FusionBench before
   2025-03-18 called ``P.diag().fill_(0)``, which fills a copy); only
   ``P[:r, :r] = 0`` is applied.
+
+These are the modes' *semantics* in exact arithmetic. Their bytes (FusionBench's float32
+operations, which ``opcm_ext`` replays in these modes) are ``fusionbench.FusionBenchOPCMRef``'s.
 """
 
 from __future__ import annotations
