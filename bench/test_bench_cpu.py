@@ -134,7 +134,7 @@ def test_projection_full_reference(benchmark, weights):
 
 
 def test_projection_thin_ops(benchmark, weights):
-    """The product's thin form: batched thin SVD + masked projection of all 72 weights."""
+    """Batched thin SVD + projection of all 72 weights, one op after the other (the GPU path's order)."""
     from opcm_ext import ops
 
     g = torch.Generator().manual_seed(1)
@@ -148,6 +148,57 @@ def test_projection_thin_ops(benchmark, weights):
             ops.project(T, U, S, V, 0.5)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
+
+
+def test_projection_svd_project(benchmark, weights):
+    """What OPCM's pass runs: ops.svd_project per same-shape group (CPU: each matrix decomposed and
+    projected on one single-threaded worker, float64 buffers reused)."""
+    from opcm_ext import ops
+
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(w.shape, generator=g) * 0.02 for w in weights]
+    groups: dict[tuple, tuple[list, list]] = {}
+    for w, t in zip(weights, ts):
+        ms_, ts_ = groups.setdefault(tuple(w.shape), ([], []))
+        ms_.append(w)
+        ts_.append(t)
+    benchmark.pedantic(lambda: [ops.svd_project(m, t, 0.5) for m, t in groups.values()], rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("form", ["masked", "cheap"])
+def test_projection_form(benchmark, weights, form):
+    """The projection alone, given the SVDs, for all 72 weights: the masked form (P = U^T T V, the
+    C++ mask kernel, T - (U Q) V^T with batched GEMMs, as the CUDA path does) against the cheap
+    form the CPU uses (T - Y V^T, skipping Q's zero blocks)."""
+    from opcm_ext import _native, ops
+
+    C = _native.cpu()
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(w.shape, generator=g) * 0.02 for w in weights]
+    batches, tbatches = _grouped(weights), _grouped(ts)
+    svds = [ops.thin_svd(M) for M in batches]
+    prepared = []
+    for T, (U, S, V) in zip(tbatches, svds):
+        B, m, n = T.shape
+        keep = ops.keep_count(S, m, n)
+        r = ops.split_rank(torch.where(torch.arange(S.shape[1]) < keep[:, None], S, 0.0), 0.5)
+        prepared.append((T, U, V, r.contiguous(), keep.contiguous()))
+
+    def masked():
+        for T, U, V, r, keep in prepared:
+            B, m, n = T.shape
+            P = (torch.bmm(torch.bmm(U.mT, T), V) if m >= n else torch.bmm(U.mT, torch.bmm(T, V))).contiguous()
+            C.mask_projection(P.data_ptr(), r.data_ptr(), keep.data_ptr(), B, P.shape[-1], P.data_ptr())
+            if m <= n:
+                torch.baddbmm(T, torch.bmm(U, P), V.mT, beta=1.0, alpha=-1.0)
+            else:
+                torch.baddbmm(T, U, torch.bmm(P, V.mT), beta=1.0, alpha=-1.0)
+
+    def cheap():
+        for T, U, V, r, keep in prepared:
+            ops._project_torch(T, U, V, r, keep)
+
+    benchmark.pedantic(masked if form == "masked" else cheap, rounds=3, iterations=1)
 
 
 _N = 87_849_216  # ViT-B/32 vision parameters, fp32

@@ -24,6 +24,7 @@ import functools
 import math
 import struct
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,7 +32,8 @@ from typing import Any, Callable
 import torch
 
 from . import _native
-from ._cpu_svd import svd_workers, svd_workspace_bytes, thin_svd_cpu
+from ._cpu_svd import svd_project_cpu, svd_workers, svd_workspace_bytes, thin_svd_cpu
+from ._projection import mask_twin as _mask_torch, project_twin as _project_torch  # noqa: F401 (the twins)
 from .errors import BackendError, ConfigError
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "split_rank",
     "keep_count",
     "project",
+    "svd_project",
     "sumsq",
     "svd_workspace_bytes",
     "device_svd_workspace_bytes",
@@ -89,6 +92,10 @@ class Ops:
     def project(self, T: Any, U: Any, S: Any, V: Any, alpha: float) -> Any:
         """See :func:`project`."""
         return project(T, U, S, V, alpha, backend=self._backend)
+
+    def svd_project(self, Ms: list[Any], Ts: list[Any], alpha: float) -> tuple[list[Any], dict[str, float]]:
+        """See :func:`svd_project`."""
+        return svd_project(Ms, Ts, alpha, backend=self._backend)
 
     def sumsq(self, x: Any) -> Any:
         """See :func:`sumsq`."""
@@ -519,29 +526,11 @@ def keep_count(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
     return keep[0] if S.dim() == 1 else keep
 
 
-def _mask_torch(P: torch.Tensor, r: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The twin of mask_projection (csrc/project/project.h)."""
-    idx = torch.arange(P.shape[-1], device=P.device)
-    in_r = idx[None, :] < r[:, None]  # [B, k]
-    block = in_r[:, :, None] & in_r[:, None, :]
-    diag = torch.diag_embed((~in_r) & (idx[None, :] < keep[:, None]))
-    return torch.where(block | diag, P, 0.0)
-
-
-def _project_torch(T: torch.Tensor, U: torch.Tensor, V: torch.Tensor, r: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The cheap exact form, matrix by matrix: T - U_r (U_r^T T V_r) V_r^T - sum_{r<=i<keep} d_i u_i v_i^T."""
-    out = torch.empty_like(T)
-    for b in range(T.shape[0]):
-        rb, kb = int(r[b]), int(keep[b])
-        Tb, Ub, Vb = T[b], U[b], V[b]
-        Ur, Vr = Ub[:, :rb], Vb[:, :rb]
-        res = Tb - Ur @ (Ur.mT @ Tb @ Vr) @ Vr.mT
-        if kb > rb:
-            Ud, Vd = Ub[:, rb:kb], Vb[:, rb:kb]
-            d = (Ud * (Tb @ Vd)).sum(dim=0)  # d_i = u_i^T T v_i
-            res = res - (Ud * d) @ Vd.mT
-        out[b] = res
-    return out
+def _ranks(S: torch.Tensor, m: int, n: int, alpha: float) -> tuple[Any, Any]:
+    """(r, keep) per matrix; the split rank counts the dropped triplets as exactly zero (the degenerate-case rule)."""
+    keep = keep_count(S, m, n)
+    kept = torch.arange(S.shape[-1], device=S.device) < (keep[:, None] if S.dim() == 2 else keep)
+    return split_rank(torch.where(kept, S, 0.0), alpha), keep
 
 
 @_cupy_io
@@ -563,30 +552,49 @@ def project(
     _require(T.dim() == 3, "project", f"T must be [B, m, n] or [m, n], got shape {tuple(T.shape)}")
     B, m, n = T.shape
     k = min(m, n)
-    _require(tuple(U.shape) == (B, m, k), "project", f"U has shape {tuple(U.shape)}, expected {(B, m, k)}")
-    _require(tuple(S.shape) == (B, k), "project", f"S has shape {tuple(S.shape)}, expected {(B, k)}")
-    _require(tuple(V.shape) == (B, n, k), "project", f"V has shape {tuple(V.shape)}, expected {(B, n, k)}")
-    for name, x in (("U", U), ("S", S), ("V", V)):
+    for name, x, want in (("U", U, (B, m, k)), ("S", S, (B, k)), ("V", V, (B, n, k))):
+        _require(tuple(x.shape) == want, "project", f"{name} has shape {tuple(x.shape)}, expected {want}")
         _require(x.device == T.device, "project", f"{name} is on {x.device} but T is on {T.device}")
-    keep = keep_count(S, m, n)
-    # The split rank counts the dropped triplets as exactly zero (the degenerate-case rule).
-    S_kept = torch.where(torch.arange(k, device=S.device) < keep[:, None], S, 0.0)
-    r = split_rank(S_kept, alpha)
+    r, keep = _ranks(S, m, n, alpha)
     if B == 0 or k == 0:
         out = T.clone()
-    elif not _use_native(backend, T.device, "project"):
+    elif T.device.type != "cuda" or not _use_native(backend, T.device, "project"):
+        # On the CPU the cheap form is also the fast one (it skips Q's zero blocks); the CUDA
+        # kernels mask P = U^T T V in place and rebuild T' with two batched GEMMs.
         out = _project_torch(T, U, V, r, keep)
     else:
         mod, tail = _kernels(T.device)
         # P = U^T T V, associated so the intermediate has k rows or columns.
-        P = torch.bmm(torch.bmm(U.mT, T), V) if m >= n else torch.bmm(U.mT, torch.bmm(T, V))
-        P = P.contiguous()
-        r_c, keep_c = r.contiguous(), keep.contiguous()
-        _call("project", T.device, mod.mask_projection, P.data_ptr(), r_c.data_ptr(), keep_c.data_ptr(), B, k,
-              P.data_ptr(), *tail)
+        P = (torch.bmm(torch.bmm(U.mT, T), V) if m >= n else torch.bmm(U.mT, torch.bmm(T, V))).contiguous()
+        r, keep = r.contiguous(), keep.contiguous()
+        _call("project", T.device, mod.mask_projection, P.data_ptr(), r.data_ptr(), keep.data_ptr(), B, k, P.data_ptr(), *tail)
         # T' = T - (U Q) V^T or T - U (Q V^T), whichever inner product is cheaper; one fused GEMM.
         if m <= n:
             out = torch.baddbmm(T, torch.bmm(U, P), V.mT, beta=1.0, alpha=-1.0)
         else:
             out = torch.baddbmm(T, U, torch.bmm(P, V.mT), beta=1.0, alpha=-1.0)
     return out[0] if squeeze else out
+
+
+def svd_project(
+    Ms: list[torch.Tensor], Ts: list[torch.Tensor], alpha: float, *, backend: str | None = None
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """project(T_i, *thin_svd(M_i), alpha) for same-shape fp32 matrices, and {"svd": s, "project": s}.
+
+    Native on the CPU one single-threaded worker decomposes and projects each matrix, reusing its
+    float64 buffers (_cpu_svd.svd_project_cpu: no stacked copies); elsewhere thin_svd + project.
+    """
+    _require(len(Ms) == len(Ts), "svd_project", f"{len(Ms)} matrices M but {len(Ts)} matrices T")
+    for i, (M, T) in enumerate(zip(Ms, Ts)):
+        _check_float(M, "svd_project", f"M[{i}]", fp32_only=True), _check_float(T, "svd_project", f"T[{i}]", True)
+        _require(M.dim() == 2 and tuple(M.shape) == tuple(T.shape) == tuple(Ms[0].shape), "svd_project",
+                 f"M[{i}] {tuple(M.shape)} and T[{i}] {tuple(T.shape)} must be matrices of the shape of M[0]")
+    if not Ms:
+        return [], {"svd": 0.0, "project": 0.0}
+    if Ms[0].device.type == "cpu" and _use_native(backend, Ms[0].device, "svd_project"):
+        return svd_project_cpu(Ms, Ts, lambda S: _ranks(S, *Ms[0].shape, alpha))
+    t0 = time.perf_counter()
+    U, S, V = thin_svd(torch.stack(Ms), backend=backend)
+    t1 = time.perf_counter()
+    out = list(project(torch.stack(Ts), U, S, V, alpha, backend=backend).unbind(0))
+    return out, {"svd": t1 - t0, "project": time.perf_counter() - t1}

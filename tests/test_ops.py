@@ -604,6 +604,64 @@ def test_project_accurate_for_hard_spectra(device, shape, kind):
     assert float((Tp.double() - want).norm() / want.norm()) < PROJ_RTOL
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("shape", [(3, 40, 16), (3, 16, 40), (2, 24, 24), (1, 96, 64)], ids=_shape_id)
+def test_svd_project_matches_thin_svd_then_project(device, shape, workers, monkeypatch):
+    """The fused per-matrix path (CPU: one worker decomposes and projects each matrix, reusing its
+    float64 buffers) gives what thin_svd then project give on the stacked batch, and the spec."""
+    monkeypatch.setenv("OPCM_SVD_WORKERS", str(workers))
+    g = torch.Generator().manual_seed(11)
+    B, m, n = shape
+    Ms = [torch.randn(m, n, generator=g).to(device) for _ in range(B)]
+    Ts = [(torch.randn(m, n, generator=g) + 0.3 * M.cpu()).to(device) for M in Ms]
+    Ms[0] = torch.zeros(m, n, device=device)  # M = 0 keeps T
+    for backend in (None, "torch"):
+        got, took = ops.svd_project(Ms, Ts, 0.5, backend=backend)
+        assert set(took) == {"svd", "project"} and min(took.values()) >= 0.0
+        want = ops.project(torch.stack(Ts), *ops.thin_svd(torch.stack(Ms), backend=backend), 0.5, backend=backend)
+        assert len(got) == B and all(t.shape == (m, n) and t.dtype == torch.float32 for t in got)
+        assert torch.equal(got[0], Ts[0])
+        for b in range(B):
+            assert float((got[b] - want[b]).norm() / want[b].norm()) < 1e-5, (backend, b)
+            if b == 0:
+                continue  # the spec's literal formula has no keep rule (M = 0 keeps T, checked above)
+            spec = project_full_svd_spec(Ms[b].cpu(), Ts[b].cpu(), 0.5)
+            assert float((got[b].double().cpu() - spec).norm() / spec.norm()) < PROJ_RTOL
+
+
+@pytest.mark.parametrize("kind", ["clustered", "powerlaw", "steep"])
+def test_svd_project_accurate_for_hard_spectra(device, kind):
+    """The buffers one worker reuses from matrix to matrix (different spectra, both orientations)
+    leave nothing behind: every result matches the spec."""
+    shapes = [(96, 64), (64, 96), (96, 64)]
+    Ms = [_with_spectrum(m, n, kind) for m, n in shapes]
+    Ts = [torch.randn(m, n) for m, n in shapes]
+    for (m, n), M, T in zip(shapes, Ms, Ts):
+        got, _ = ops.svd_project([M.to(device)], [T.to(device)], 0.5)
+        spec = project_full_svd_spec(M, T, 0.5)
+        assert float((got[0].double().cpu() - spec).norm() / spec.norm()) < PROJ_RTOL, (m, n)
+    # one call, same shape: a worker's workspace is reused for every matrix
+    got, _ = ops.svd_project([Ms[0].to(device), Ms[2].to(device)], [Ts[0].to(device), Ts[2].to(device)], 0.5)
+    for M, T, Tp in zip((Ms[0], Ms[2]), (Ts[0], Ts[2]), got):
+        spec = project_full_svd_spec(M, T, 0.5)
+        assert float((Tp.double().cpu() - spec).norm() / spec.norm()) < PROJ_RTOL
+
+
+def test_svd_project_rejects_bad_input():
+    M, T = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="2 matrices M but 1"):
+        ops.svd_project([M, M], [T], 0.5)
+    with pytest.raises(ValueError, match="shape of M"):
+        ops.svd_project([M, torch.randn(4, 6)], [T, T], 0.5)
+    with pytest.raises((ValueError, TypeError), match="float32|fp32"):
+        ops.svd_project([M.double()], [T], 0.5)
+    bad = M.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(BackendError, match="eigensolver failed on matrix 0 of 1"):
+        ops.svd_project([bad], [T], 0.5, backend="native")
+    assert ops.svd_project([], [], 0.5) == ([], {"svd": 0.0, "project": 0.0})
+
+
 @pytest.mark.slow
 def test_vit_b32_sized_projection():
     """One 768x3072 weight (the wide orientation the CPU SVD transposes)."""

@@ -126,18 +126,12 @@ class OPCM(Method):
         ms, ts = batch.deltas()
         assert ms is not None
         if batch.kind is Kind.PROJECTED:
-            Mb = torch.stack(ms)
-            Tb = torch.stack(ts)
-            del ms, ts
+            tps, took = ops.svd_project(ms, ts, self.values["alpha"])
+            for phase, seconds in took.items():
+                sums.timings[phase] = sums.timings.get(phase, 0.0) + seconds
+            del ts
             batch.deltas_cache = None
-            with sums.timed("svd"):
-                U, S, V = ops.thin_svd(Mb)
-            with sums.timed("project"):
-                Tp = ops.project(Tb, U, S, V, self.values["alpha"])
-            del U, S, V, Tb
-            sig, ss = ops.sigma_update(Mb, Tp, lam_prev, out=Mb)
-            sums.sigma_sq = sums.sigma_sq + ss
-            return list(sig.unbind(0))
+            ts = tps
         out = []
         for M, T in zip(ms, ts):
             sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
