@@ -12,6 +12,7 @@ OpenMP barriers also collapse when the cores are shared with other work. Used by
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 from ._projection import project_one
 from .errors import BackendError
 
-__all__ = ["svd_workspace_bytes", "thin_svd_cpu", "gram_eigh_svd", "svd_project_cpu", "Workspace"]
+__all__ = ["svd_workers", "svd_workspace_bytes", "thin_svd_cpu", "svd_project_cpu"]
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -79,9 +80,7 @@ class Workspace:
         self._bufs: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < n:
             self._bufs.pop(name, None)
@@ -89,7 +88,7 @@ class Workspace:
         return buf[:n].view(*shape)
 
 
-def gram_eigh_svd(a: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_eigh_svd(a: torch.Tensor, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, V) of one fp32 matrix from the float64 Gram matrix of its small side (float64 results).
 
     X = A (or A^T when wide), G = X^T X = W diag(S^2) W^T (eigh, float64), then
@@ -99,7 +98,6 @@ def gram_eigh_svd(a: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.T
     so every triplet it keeps is exact to float32. A column with S_i == 0 is zero.
     The big side's vectors are a view of `ws` (valid until its next use).
     """
-    ws = ws or Workspace()
     wide = a.shape[-2] < a.shape[-1]
     x = a.mT if wide else a  # [L, k], L >= k, float32
     L, k = x.shape
@@ -140,13 +138,6 @@ def gram_eigh_svd(a: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.T
     return big, s, w
 
 
-def svd_failure(b: int, B: int, m: int, n: int, err: str) -> BackendError:
-    return BackendError(
-        f"ops.thin_svd: the eigensolver failed on matrix {b} of {B} (shape {m}x{n}): {err}; "
-        "check the inputs for NaN/Inf."
-    )
-
-
 def checked_svd(a: torch.Tensor, ws: Workspace, b: int, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gram_eigh_svd with LAPACK failures and non-finite results turned into a BackendError."""
     m, n = a.shape
@@ -156,7 +147,10 @@ def checked_svd(a: torch.Tensor, ws: Workspace, b: int, B: int) -> tuple[torch.T
     except RuntimeError as e:  # torch.linalg.LinAlgError: syevd did not converge
         err = str(e).rstrip(".")
     if err is not None:
-        raise svd_failure(b, B, m, n, err)
+        raise BackendError(
+            f"ops.thin_svd: the eigensolver failed on matrix {b} of {B} (shape {m}x{n}): {err}; "
+            "check the inputs for NaN/Inf."
+        )
     return u, s, v
 
 
@@ -222,7 +216,7 @@ def svd_project_cpu(
     proportion to the workers' time in each.
     """
     B = len(Ms)
-    outs: list[torch.Tensor | None] = [None] * B
+    outs: list[torch.Tensor] = [Ts[b] for b in range(B)]  # each replaced by its T' (or an error is raised)
     spent = [[0.0, 0.0] for _ in range(B)]
     t0 = time.perf_counter()
 
@@ -239,4 +233,4 @@ def svd_project_cpu(
     wall = time.perf_counter() - t0
     svd_s, proj_s = sum(x[0] for x in spent), sum(x[1] for x in spent)
     share = svd_s / (svd_s + proj_s) if svd_s + proj_s > 0 else 1.0
-    return [o for o in outs if o is not None], {"svd": wall * share, "project": wall * (1.0 - share)}
+    return outs, {"svd": wall * share, "project": wall * (1.0 - share)}

@@ -103,7 +103,11 @@ class Sums:
         for name in self._tensor_fields():
             mine = getattr(self, name)
             setattr(self, name, mine + getattr(other, name).to(mine.device))
-        for k, v in other.timings.items():
+        self.add_times(other.timings)
+
+    def add_times(self, seconds: dict[str, float]) -> None:
+        """Add seconds per phase into ``timings``."""
+        for k, v in seconds.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
 
     @contextmanager
@@ -113,7 +117,7 @@ class Sums:
         try:
             yield
         finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+            self.add_times({phase: time.perf_counter() - t0})
 
 
 @dataclass

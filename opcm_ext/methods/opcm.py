@@ -126,12 +126,9 @@ class OPCM(Method):
         ms, ts = batch.deltas()
         assert ms is not None
         if batch.kind is Kind.PROJECTED:
-            tps, took = ops.svd_project(ms, ts, self.values["alpha"])
-            for phase, seconds in took.items():
-                sums.timings[phase] = sums.timings.get(phase, 0.0) + seconds
-            del ts
-            batch.deltas_cache = None
-            ts = tps
+            batch.deltas_cache = None  # the T's go once their projections exist
+            ts, took = ops.svd_project(ms, ts, self.values["alpha"])
+            sums.add_times(took)
         out = []
         for M, T in zip(ms, ts):
             sig, ss = ops.sigma_update(M, T, lam_prev, out=M)
